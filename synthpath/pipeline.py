@@ -63,20 +63,20 @@ class Stage:
     help: str = ""
 
 
-_REGISTRY: dict[str, Stage] = {}
 ORDER = ("ingest", "train", "audit", "generate", "export", "evaluate")
 
 
-def register(stage: Stage) -> Stage:
-    _REGISTRY[stage.name] = stage
-    return stage
+def _registry() -> dict[str, Stage]:
+    """The built-in stages by name (see :mod:`synthpath.stages`)."""
+    from .stages import BUILTIN
+
+    return {s.name: s for s in BUILTIN}
 
 
 def stages() -> list[Stage]:
-    """The registered stages in pipeline order."""
-    from . import stages as _  # noqa: F401  (registers the built-in stages)
-
-    return [_REGISTRY[n] for n in ORDER if n in _REGISTRY]
+    """The stages in pipeline order."""
+    reg = _registry()
+    return [reg[n] for n in ORDER if n in reg]
 
 
 def get_stage(name: str) -> Stage:

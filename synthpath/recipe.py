@@ -248,8 +248,15 @@ class Recipe(_Strict):
         return self.ingest.tiling.tile_px
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (plus the global seed)."""
-        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+        """Stable hash of the named sections (plus the global seed). A dotted name such
+        as ``"export.slides"`` hashes that one key only."""
+        dump = self.model_dump(mode="json")
+        payload = {}
+        for name in sections:
+            node = dump
+            for part in name.split("."):
+                node = node[part]
+            payload[name] = node
         payload["seed"] = self.seed
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

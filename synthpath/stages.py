@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .pipeline import Stage, StageContext, register
+from .pipeline import Stage, StageContext
 
 
 def _lazy(module: str, func: str = "run"):
@@ -18,15 +18,17 @@ def _lazy(module: str, func: str = "run"):
     return run
 
 
-register(Stage("ingest", ("data", "ingest"), (), _lazy("synthpath.slides.ingest"),
-               "read slides, detect tissue, tile nested levels, label, split by patient"))
-register(Stage("train", ("model", "train", "privacy"), ("ingest",), _lazy("synthpath.train.trainer"),
-               "train the magnification-aware diffusion model (optionally with DP-SGD)"))
-register(Stage("audit", ("audit", "sampler"), ("ingest", "train"), _lazy("synthpath.audit.report"),
-               "memorization and membership-inference audit; the release gate"))
-register(Stage("generate", ("generate", "sampler"), ("ingest", "train", "audit"), _lazy("synthpath.generate.runner"),
-               "synthesise slides coarse to fine into WebDataset shards"))
-register(Stage("export", ("export",), ("ingest", "train", "audit", "generate"), _lazy("synthpath.export.hf"),
-               "write the Hugging Face dataset and its card"))
-register(Stage("evaluate", ("evaluate",), ("ingest", "export"), _lazy("synthpath.evaluate.stage"),
-               "downstream utility (TSTR vs TRTR) and fidelity; adds them to the card"))
+BUILTIN = (
+    Stage("ingest", ("data", "ingest"), (), _lazy("synthpath.slides.ingest"),
+               "read slides, detect tissue, tile nested levels, label, split by patient"),
+    Stage("train", ("model", "train", "privacy"), ("ingest",), _lazy("synthpath.train.trainer"),
+               "train the magnification-aware diffusion model (optionally with DP-SGD)"),
+    Stage("audit", ("audit", "sampler"), ("ingest", "train"), _lazy("synthpath.audit.report"),
+               "memorization and membership-inference audit; the release gate"),
+    Stage("generate", ("generate", "sampler", "export.slides"), ("ingest", "train", "audit"), _lazy("synthpath.generate.runner"),
+               "synthesise slides coarse to fine into WebDataset shards"),
+    Stage("export", ("export",), ("ingest", "train", "audit", "generate"), _lazy("synthpath.export.hf"),
+               "write the Hugging Face dataset and its card"),
+    Stage("evaluate", ("evaluate",), ("ingest", "export"), _lazy("synthpath.evaluate.stage"),
+               "downstream utility (TSTR vs TRTR) and fidelity; adds them to the card"),
+)
