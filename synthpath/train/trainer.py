@@ -1,0 +1,372 @@
+"""The train stage: one magnification-aware diffusion model from the tile store.
+
+``run(ctx)`` trains on every level of the ingest store's ``train`` split at once, with
+AdamW and an EMA of the weights (post-processing, so free under DP), and writes into the
+stage folder:
+
+- ``model.safetensors`` (EMA weights), ``model_raw.safetensors``, ``config.json`` (model
+  config + tile_px, levels, classes, recipe hash, steps, privacy summary) -- through
+  :func:`synthpath.models.save_checkpoint`;
+- ``ledger.json`` (the privacy ledger, also written at every checkpoint);
+- ``losses.csv``, ``loss.png``, ``samples/step_XXXXX.png``;
+- while running, ``state/`` (see :mod:`synthpath.train.state`): an interrupted run resumes
+  from the last checkpoint and ends with the same weights, bit for bit on the CPU.
+
+Private and non-private runs share the whole loop and :func:`~synthpath.train.engine.gradient_step`;
+only the gradient wrapper differs (:func:`build_gradients`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import build_model, save_checkpoint
+from ..pipeline import StageContext, StageError
+from . import privacy as P
+from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker
+from .engine import PlainGradients, PrivateGradients, gradient_step
+from .report import grid_conditions, plot_losses, read_losses, sample_grid, write_losses
+from .state import load_state, restore, save_state
+
+log = logging.getLogger("synthpath.train")
+
+
+class TrainingInterrupted(StageError):
+    """Training stopped early on request (``stop_after``); its state is saved for resume."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a named device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """What :func:`build_gradients` decided: the wrapper, the unit sampler, and the plan."""
+
+    grads: object
+    sampler_factory: object  # steps_left -> sampler
+    n_units: int
+    unit: str
+    plan: P.PrivacyPlan | None
+    accountant: object | None
+
+
+def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset,
+                    gens: dict[str, torch.Generator], device: torch.device) -> Setup:
+    """Wrap ``model``/``optimizer`` for the recipe's privacy setting. The only place where a
+    private run differs from a non-private one."""
+    tcfg, pcfg = recipe.train, recipe.privacy
+    steps = tcfg.steps
+    if not pcfg.enabled:
+        module = model
+        if tcfg.compile:
+            module = torch.compile(model)
+        grads = PlainGradients(model, optimizer, max_units=tcfg.physical_batch_size, grad_clip=tcfg.grad_clip,
+                               module=module)
+        n = len(dataset)
+        return Setup(grads, lambda left: FixedSizeSampler(n, tcfg.batch_size, gens["units"]), n, "tile", None, None)
+
+    P.check_supported(model)
+    if tcfg.compile:
+        log.warning("train.compile is ignored under DP: Opacus' per-sample hooks need the eager model")
+    noise_gen = gens["noise"]
+    K = pcfg.noise_multiplicity
+    if pcfg.unit == "tile":
+        plan, grads, accountant = _tile_privacy(recipe, model, optimizer, dataset, noise_gen)
+        max_units = max(1, tcfg.physical_batch_size // K)
+    else:
+        plan, grads, accountant = _patient_privacy(recipe, model, optimizer, dataset, noise_gen)
+        max_units = max(1, tcfg.physical_batch_size // (K * pcfg.tiles_per_patient))
+    grads.max_units = max_units
+    rows_per_unit = K * (pcfg.tiles_per_patient if pcfg.unit == "patient" else 1)
+    if rows_per_unit > tcfg.physical_batch_size:
+        log.warning("one %s is %d rows (noise_multiplicity x tiles), more than train.physical_batch_size=%d: "
+                    "each physical batch holds one whole %s", pcfg.unit, rows_per_unit, tcfg.physical_batch_size,
+                    pcfg.unit)
+    q, n = plan.sample_rate, plan.n_units
+    return Setup(grads, lambda left: PoissonSampler(n, q, gens["units"], left), n, plan.unit, plan, accountant)
+
+
+
+def _tile_privacy(recipe, model, optimizer, dataset, noise_gen):
+    """Tile-level DP through Opacus' ``PrivacyEngine.make_private_with_epsilon``."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    tcfg, pcfg = recipe.train, recipe.privacy
+    n = len(dataset)
+    delta = P.resolve_delta(pcfg.delta, n)
+    n_batches = math.ceil(n / tcfg.batch_size)
+    if n_batches <= 1:
+        raise StageError(f"privacy: train.batch_size={tcfg.batch_size} covers all {n} training tiles, so the "
+                         f"sampling rate would be 1; lower train.batch_size")
+    engine = PrivacyEngine(accountant=pcfg.accountant, secure_mode=False)
+    loader = DataLoader(dataset, batch_size=tcfg.batch_size)
+    # Opacus takes epochs and uses steps = int(epochs / q); +0.5 keeps that int exactly `steps`.
+    epochs = (tcfg.steps + 0.5) / n_batches
+    try:
+        gsm, dp_opt, dp_loader = engine.make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=pcfg.target_epsilon,
+            target_delta=delta, epochs=epochs, max_grad_norm=pcfg.max_grad_norm, loss_reduction="sum",
+            poisson_sampling=True, noise_generator=None if pcfg.secure_mode else noise_gen)
+    except ValueError as e:
+        raise StageError(f"privacy.target_epsilon={pcfg.target_epsilon} cannot be reached with train.steps="
+                         f"{tcfg.steps} and train.batch_size={tcfg.batch_size} over {n} tiles ({e}); lower "
+                         f"train.steps or train.batch_size, or raise privacy.target_epsilon") from None
+    if pcfg.secure_mode:
+        dp_opt.generator = noise_gen  # the CSPRNG (PrivacyEngine itself was built without secure_mode)
+        dp_opt.secure_mode = True
+    q = float(dp_loader.sample_rate)
+    # Opacus issue #819: hooks see raw per-sample gradients (sum); the noised sum is divided by
+    # the expected batch q*n, a public constant, never by the realised Poisson batch.
+    dp_opt.loss_reduction = "mean"
+    dp_opt.expected_batch_size = q * n
+    plan = P.PrivacyPlan(
+        unit="tile", n_units=n, sample_rate=q, expected_units=q * n, sigma=float(dp_opt.noise_multiplier),
+        delta=delta, target_epsilon=pcfg.target_epsilon, steps=tcfg.steps, max_grad_norm=pcfg.max_grad_norm,
+        noise_multiplicity=pcfg.noise_multiplicity, tiles_per_patient=None, accountant=pcfg.accountant,
+        secure_mode=pcfg.secure_mode, delta_rule="auto: 1/(10 n_tiles)" if pcfg.delta == "auto" else "given",
+        warnings=P.unit_warnings("tile", n))
+    return plan, PrivateGradients(gsm, dp_opt, engine.accountant, max_units=1), engine.accountant
+
+
+def _patient_privacy(recipe, model, optimizer, dataset, noise_gen):
+    """Patient-level DP assembled from Opacus parts: GradSampleModule, DPOptimizer, accountant."""
+    from opacus import GradSampleModule
+    from opacus.accountants import create_accountant
+    from opacus.optimizers import DPOptimizer
+
+    tcfg, pcfg = recipe.train, recipe.privacy
+    n = len(dataset.patients)
+    plan = P.plan_patient_privacy(pcfg, n_patients=n, batch_size=tcfg.batch_size, steps=tcfg.steps)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    dp_opt = DPOptimizer(optimizer, noise_multiplier=plan.sigma, max_grad_norm=plan.max_grad_norm,
+                         expected_batch_size=plan.expected_units, loss_reduction="mean",
+                         generator=noise_gen, secure_mode=pcfg.secure_mode)
+    accountant = create_accountant(mechanism=pcfg.accountant)
+    dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    return plan, PrivateGradients(gsm, dp_opt, accountant, max_units=1), accountant
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with the usual warm-up, ``min(decay, (1 + step) / (10 + step))``, so short runs
+    are not dominated by the initial weights. Post-processing of the released weights only."""
+    decay = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Train (or resume training) into ``workdir``; returns the stage summary.
+
+    ``stop_after``: save the resumable state after that many steps in total and raise
+    :class:`TrainingInterrupted` (a test and ops hook that behaves like an interruption).
+    """
+    from ..tiles.dataset import TileDataset
+    from ..tiles.store import TileStoreError
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tcfg, pcfg, mcfg = recipe.train, recipe.privacy, recipe.model
+    try:
+        dataset = TileDataset(store_dir, split="train")
+    except (TileStoreError, OSError) as e:
+        raise StageError(f"cannot read the tile store in {store_dir}: {e}") from None
+    if len(dataset) == 0:
+        raise StageError(f"the tile store {store_dir} has no 'train' tiles; check ingest (split, tissue, labels)")
+    classes = list(dataset.store.classes)
+    levels = list(dataset.levels)
+    tile_px = int(dataset.tile_px)
+    device = resolve_device(tcfg.device)
+
+    seed_everything(recipe.seed)
+    try:
+        model = build_model(mcfg.size, len(classes), tile_px).to(device)
+    except ValueError as e:
+        raise StageError(f"model.size={mcfg.size!r} with ingest tile_px={tile_px}: {e}") from None
+    model.train()
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # three independent streams: unit sampling (CPU), rows (tile draws, t, noise, dropout) and DP noise
+    gens = {"units": torch.Generator().manual_seed(recipe.seed * 1000 + 0),
+            "rows": torch.Generator(device=device).manual_seed(recipe.seed * 1000 + 1),
+            "noise": torch.Generator(device=device).manual_seed(recipe.seed * 1000 + 2)}
+    secure = pcfg.enabled and pcfg.secure_mode
+    if secure:
+        # Opacus' secure mode: unit sampling and noise from a CSPRNG (these two streams then cannot
+        # be saved, so a resumed run is private but not bit-identical to an uninterrupted one)
+        gens["units"] = gens["noise"] = P.secure_generator()
+
+    setup = build_gradients(recipe, model, optimizer, dataset, gens, device)
+    dp = setup.plan is not None
+    K = pcfg.noise_multiplicity if dp else 1
+    rows = RowMaker(dataset, unit=setup.unit if dp else "tile", noise_multiplicity=K,
+                    tiles_per_patient=pcfg.tiles_per_patient, num_classes=len(classes), device=device,
+                    generator=gens["rows"])
+    loss_fn = DiffusionLoss(p_label=mcfg.p_drop_label, p_parent=mcfg.p_drop_parent, p_known=mcfg.p_known,
+                            generator=gens["rows"])
+    saved_gens = {k: g for k, g in gens.items() if not (secure and k in ("units", "noise"))}
+    for w in (setup.plan.warnings if dp else [P.NO_GUARANTEE]):
+        log.warning(w)
+    if dp:
+        log.info("DP plan: unit=%s n=%d q=%.4g sigma=%.4g delta=%.3g steps=%d C=%g K=%d", setup.plan.unit,
+                 setup.plan.n_units, setup.plan.sample_rate, setup.plan.sigma, setup.plan.delta, setup.plan.steps,
+                 setup.plan.max_grad_norm, setup.plan.noise_multiplicity)
+
+    # ---------------------------------------------------------------- resume
+    state_dir = workdir / "state"
+    start, history = 0, []
+    loss_rows: list[dict] = []
+    st = load_state(state_dir)
+    if st is not None:
+        extra = restore(st, model=model, ema=ema, optimizer=setup.grads.optimizer, generators=saved_gens,
+                        device=device)
+        start = st["step"]
+        history = [tuple(h) for h in extra.get("history", [])]
+        if setup.accountant is not None:
+            setup.accountant.history = list(history)
+        loss_rows = read_losses(workdir / "losses.csv", start)
+        log.info("resuming training at step %d of %d", start, tcfg.steps)
+    if start > tcfg.steps:
+        raise StageError(f"the saved state is at step {start}, past train.steps={tcfg.steps}")
+
+    picks = grid_conditions(dataset, len(classes))
+    summary_base = {"classes": classes, "levels": levels, "tile_px": tile_px, "model_size": mcfg.size,
+                    "n_train_tiles": len(dataset), "n_train_patients": len(dataset.patients), "device": str(device)}
+
+    def ledger() -> dict:
+        warns = list(rows.messages)
+        if not dp:
+            return P.ledger_public(len(dataset), warns)
+        hist = setup.accountant.history if setup.accountant is not None else []
+        return P.ledger_private(setup.plan, hist, _steps_in(hist), warns)
+
+    def checkpoint(step: int) -> None:
+        hist = list(setup.accountant.history) if setup.accountant is not None else []
+        save_state(state_dir, step=step, model=model, ema=ema, optimizer_state=setup.grads.optimizer.state_dict(),
+                   generators=saved_gens, extra={"history": [list(h) for h in hist]})
+        write_losses(workdir / "losses.csv", loss_rows)
+        led = ledger()
+        _atomic_json(workdir / "ledger.json", led)
+        save_checkpoint(workdir, model, ema, {**summary_base, "steps": step, "seed": recipe.seed,
+                                              "recipe_hash": recipe.section_hash("model", "train", "privacy"),
+                                              "privacy": _privacy_brief(led, dp)})
+
+    sampler = setup.sampler_factory(tcfg.steps - start)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start, desc="train" + (f" (DP, {setup.unit})" if dp else ""),
+                   dynamic_ncols=True)
+    t0 = time.time()
+    step = start
+    try:
+        while step < tcfg.steps:
+            if dp and _steps_in(setup.accountant.history) >= setup.plan.steps:
+                break  # never train past the budget
+            units = sampler.draw()
+            out = gradient_step(setup.grads, units, rows, loss_fn)
+            if not out["stepped"]:
+                raise RuntimeError("the optimiser did not step at the end of a logical batch")
+            step += 1
+            _ema_update(ema, model, tcfg.ema_decay, step)
+            loss_rows.append({"step": step, "loss": out["loss"], "units": out["units"]})
+            if bar is not None:
+                bar.update(1)
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    recent = [r["loss"] for r in loss_rows[-tcfg.log_every:] if math.isfinite(r["loss"])]
+                    bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan")
+            if step % tcfg.sample_every == 0:
+                sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
+            if step % tcfg.checkpoint_every == 0 or step == stop_after:
+                checkpoint(step)
+            if stop_after is not None and step >= stop_after and step < tcfg.steps:
+                raise TrainingInterrupted(f"training stopped after step {step} on request; run again to resume")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---------------------------------------------------------------- final artifacts
+    led = ledger()
+    if dp and led["epsilon"] > setup.plan.target_epsilon + 0.05:
+        raise StageError(f"privacy accounting spent epsilon={led['epsilon']:.3f}, above the target "
+                         f"{setup.plan.target_epsilon}; the train stage does not finish")
+    if not (workdir / "samples" / f"step_{step:05d}.png").exists():
+        sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
+    extra = {**summary_base, "steps": step, "seed": recipe.seed,
+             "recipe_hash": recipe.section_hash("model", "train", "privacy"), "privacy": _privacy_brief(led, dp)}
+    save_checkpoint(workdir, model, ema, extra)
+    write_losses(workdir / "losses.csv", loss_rows)
+    plot_losses(workdir / "loss.png", loss_rows, f"{recipe.name}: {mcfg.size} model" + (" (DP)" if dp else ""))
+    _atomic_json(workdir / "ledger.json", led)
+    first = [r["loss"] for r in loss_rows[: max(1, len(loss_rows) // 10)] if math.isfinite(r["loss"])]
+    last = [r["loss"] for r in loss_rows[-max(1, len(loss_rows) // 10):] if math.isfinite(r["loss"])]
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return {
+        **summary_base,
+        "steps": step,
+        "seconds_this_run": round(time.time() - t0, 2),
+        "loss_first_tenth": float(np.mean(first)) if first else None,
+        "loss_last_tenth": float(np.mean(last)) if last else None,
+        "privacy": {k: led.get(k) for k in ("enabled", "epsilon", "delta", "unit", "n_units", "sigma",
+                                            "sample_rate", "accountant")},
+        "warnings": led.get("warnings", []),
+    }
+
+
+def _privacy_brief(led: dict, dp: bool) -> dict:
+    return {"enabled": dp, "unit": led.get("unit"), "epsilon": led.get("epsilon"), "delta": led.get("delta")}
+
+
+def _steps_in(history) -> int:
+    return int(sum(h[2] for h in history)) if history else 0
+
+
+def run(ctx: StageContext) -> dict:
+    """Stage entry point: train from ``ctx.inputs["ingest"]`` into ``ctx.workdir``."""
+    store = ctx.inputs.get("ingest")
+    if store is None:
+        raise StageError("the train stage needs the ingest stage's tile store (ctx.inputs['ingest'])")
+    summary = train(ctx.recipe, Path(store), Path(ctx.workdir), stop_after=ctx.options.get("train_stop_after"),
+                    progress=ctx.options.get("progress", True))
+    p = summary["privacy"]
+    if p.get("enabled"):
+        log.info("trained with DP (%s level): epsilon=%.3f, delta=%.3g", p["unit"], p["epsilon"], p["delta"])
+    else:
+        log.info("trained without DP: no formal privacy guarantee")
+    return summary
