@@ -1,9 +1,11 @@
 """Fidelity metrics between a real and a synthetic set of images, on feature arrays.
 
 - :func:`frechet_distance` (FID): the Fréchet distance between two Gaussians fitted to the
-  features. The matrix square root is taken as ``sqrt(S1)^½ S2 sqrt(S1)^½`` through two
-  symmetric eigen-decompositions in float64, so it is real and PSD by construction; the
-  trace of ``sqrtm(S1 S2)`` equals the trace of that symmetric product's square root.
+  features. ``tr((S1 S2)^½)`` is computed in float64 either as the trace of the square root
+  of the symmetric PSD ``S1^½ S2 S1^½`` (two symmetric eigen-decompositions, N ≥ D) or, with
+  fewer samples than dimensions, as the nuclear norm of the N×M cross-Gram matrix of the
+  centred features (same value, much cheaper). Both are real by construction, so no
+  complex parts from a general ``sqrtm`` need discarding.
 - :func:`kernel_inception_distance` (KID): the unbiased MMD² with the cubic polynomial kernel
   ``k(x, y) = (x·y / d + 1)^3``, averaged over random subsets (mean and std).
 - :func:`precision_recall`: improved precision and recall (Kynkäänniemi et al. 2019). Each
@@ -85,18 +87,34 @@ def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID-style Fréchet distance between two feature arrays [N, D] and [M, D]."""
+    """FID-style Fréchet distance between two feature arrays [N, D] and [M, D].
+
+    With fewer samples than dimensions (common per level: hundreds of tiles, 1280-d
+    features) the D×D route wastes work on a rank-deficient product. Writing
+    ``S1 = A Aᵀ``, ``S2 = B Bᵀ`` with ``A = X1ᵀ/√(N-1)`` (centred features), the non-zero
+    eigenvalues of ``S1 S2`` are the squared singular values of ``Aᵀ B`` (N×M), so
+    ``tr((S1 S2)^½)`` is the nuclear norm of ``Aᵀ B``: exact, and real by construction.
+    """
     r, f = _check_pair(real, fake)
-    return frechet_from_stats(*gaussian_stats(r), *gaussian_stats(f))
+    n, m, d = r.shape[0], f.shape[0], r.shape[1]
+    if min(n, m) >= d:
+        return frechet_from_stats(*gaussian_stats(r), *gaussian_stats(f))
+    mu1, mu2 = r.mean(axis=0), f.mean(axis=0)
+    a = (r - mu1) / np.sqrt(n - 1)
+    b = (f - mu2) / np.sqrt(m - 1)
+    tr_covmean = float(np.linalg.svd(a @ b.T, compute_uv=False).sum())
+    diff = mu1 - mu2
+    value = float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * tr_covmean)
+    return max(value, 0.0)
 
 
 # --------------------------------------------------------------------------- KID
-def _mmd2_unbiased_poly(x: np.ndarray, y: np.ndarray) -> float:
-    d = x.shape[1]
-    kxx = (x @ x.T / d + 1.0) ** 3
-    kyy = (y @ y.T / d + 1.0) ** 3
-    kxy = (x @ y.T / d + 1.0) ** 3
-    m, n = x.shape[0], y.shape[0]
+def _poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    m, n = kxx.shape[0], kyy.shape[0]
     sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
     syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
     return float(sxx + syy - 2.0 * kxy.mean())
@@ -107,19 +125,22 @@ def kernel_inception_distance(
 ) -> dict:
     """KID: unbiased MMD² (cubic polynomial kernel) over random subsets without replacement.
 
-    Returns ``{"mean", "std", "subsets", "subset_size"}``. The subset size is capped by the
-    smaller set, so small sets still give an (unbiased, noisier) estimate.
+    The three kernel matrices are computed once on the whole sets; each subset's estimate
+    then only indexes into them. Returns ``{"mean", "std", "subsets", "subset_size"}``. The
+    subset size is capped by the smaller set, so small sets still give an (unbiased,
+    noisier) estimate.
     """
     r, f = _check_pair(real, fake)
     size = int(min(subset_size, r.shape[0], f.shape[0]))
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
+    krr, kff, krf = _poly_kernel(r, r), _poly_kernel(f, f), _poly_kernel(r, f)
     rng = np.random.default_rng(seed)
     vals = np.empty(subsets)
     for i in range(subsets):
         ri = rng.choice(r.shape[0], size, replace=False)
         fi = rng.choice(f.shape[0], size, replace=False)
-        vals[i] = _mmd2_unbiased_poly(r[ri], f[fi])
+        vals[i] = _mmd2_unbiased(krr[np.ix_(ri, ri)], kff[np.ix_(fi, fi)], krf[np.ix_(ri, fi)])
     return {"mean": float(vals.mean()), "std": float(vals.std()), "subsets": int(subsets), "subset_size": size}
 
 
