@@ -182,6 +182,10 @@ class AuditConfig(_Strict):
     max_closer_to_train: float = Field(0.65, gt=0, le=1, description="Fail when more than this share is closer to train than to holdout.")
     max_mia_auc: float = Field(0.6, gt=0.5, le=1, description="Fail when the membership-inference ROC AUC exceeds this.")
     mia_timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
+    mia_max_tiles: int = Field(512, ge=2, description="Most members (and as many non-members) scored by the membership attack.")
+    efficientnet_px: int = Field(224, ge=32, description="Side the 'efficientnet' space resizes tiles to (224 = its ImageNet size).")
+    batch_size: int = Field(64, ge=1, description="Tiles per batch when embedding, sampling and scoring.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
 
 
 # --------------------------------------------------------------------------- generate / export / evaluate
@@ -219,6 +223,12 @@ class EvaluateConfig(_Strict):
     feature_space: Literal["efficientnet", "checkpoint", "inception"] = "efficientnet"
     feature_checkpoint: Path | None = None
     max_fidelity_samples: int = Field(2000, ge=2)
+    settings: list[Literal["tstr", "trtr", "mixed"]] = Field(
+        default_factory=lambda: ["tstr", "trtr", "mixed"],
+        description="Classifier settings: tstr (train on synthetic), trtr (train on real), mixed (real + synthetic); "
+                    "all are tested on the real holdout patients.")
+    pfid_crop_px: int | None = Field(None, ge=8, description="Patch-FID crop side in pixels (default: tile_px // 2).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (classifiers and feature extraction).")
 
 
 class Recipe(_Strict):
