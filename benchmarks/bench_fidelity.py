@@ -33,10 +33,10 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     real = rng.normal(size=(args.n, args.dim))
-    fake = rng.normal(size=real.shape) * 1.1 + 0.05  # an independent, slightly different set
-    f, t_fid = timed(fid.frechet_distance, real, fake)
-    k, t_kid = timed(fid.kernel_inception_distance, real, fake, subsets=args.kid_subsets, subset_size=1000)
-    pr, t_pr = timed(fid.precision_recall, real, fake)
+    synth = rng.normal(size=real.shape) * 1.1 + 0.05  # an independent, slightly different set
+    f, t_fid = timed(fid.frechet_distance, real, synth)
+    k, t_kid = timed(fid.kernel_inception_distance, real, synth, subsets=args.kid_subsets, subset_size=1000)
+    pr, t_pr = timed(fid.precision_recall, real, synth)
     line = (f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {platform.processor() or platform.machine()} "
             f"({torch.get_num_threads()} threads) | {args.n} x {args.dim} | {t_fid:.2f} | {t_kid:.2f} "
             f"({args.kid_subsets} subsets) | {t_pr:.2f} | FID {f:.3f}, KID {k['mean']:.4f}, "

@@ -66,7 +66,7 @@ def _print_outputs(recipe) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .pipeline import ReleaseBlocked, StageError, build, run_stage
+    from .pipeline import ReleaseBlocked, StageDeferred, StageError, build, run_stage
 
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             m = run_stage(recipe, args.command, force=args.force, options=options)
             print(f"[{m['stage']}] -> {recipe.output_dir / m['stage']}")
             print(json.dumps(m.get("summary", {}), indent=2, default=str)[:4000])
+    except StageDeferred as e:
+        print(f"deferred: {e}")
+        return 0
     except ReleaseBlocked as e:
         print(f"RELEASE BLOCKED: {e}", file=sys.stderr)
         return 3

@@ -270,6 +270,8 @@ class EfficientNetSpace(FeatureSpace):
             p.requires_grad_(False)
         self.l2 = bool(l2)
         self.image_px = int(image_px)
+        if self.image_px != 224:  # every figure names its space, so a non-native input size is in the name
+            self.label = f"{type(self).label}, {self.image_px} px input"
         self.weights = str(path)
         self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

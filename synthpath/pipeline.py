@@ -41,6 +41,12 @@ class ReleaseBlocked(StageError):
     """The audit failed, so nothing may be exported."""
 
 
+class StageDeferred(StageError):
+    """This worker did its share, but the stage is not finished yet (other workers of a
+    torchrun/Slurm job still run). Not a failure: the CLI prints it and exits 0, and the
+    ``.partial`` folder is left for the worker that completes the stage."""
+
+
 @dataclass
 class StageContext:
     recipe: Recipe
@@ -156,6 +162,10 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
     if work.exists():
         try:
             same = json.loads(fp_file.read_text()).get("fingerprint") == fp
+        except FileNotFoundError:
+            # Another worker of the same job may have just created the folder and not yet
+            # written its fingerprint: adopt the folder rather than wipe its work.
+            same = not force
         except (OSError, json.JSONDecodeError):
             same = False
         if force or not same:
@@ -163,7 +173,8 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         else:
             log.info("resuming stage %s from %s", name, work)
     work.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(fp_file, {"fingerprint": fp})
+    if not fp_file.exists():
+        _atomic_write_json(fp_file, {"fingerprint": fp})
 
     ctx = StageContext(
         recipe=recipe,

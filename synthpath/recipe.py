@@ -81,7 +81,7 @@ class TissueConfig(_Strict):
 class TilingConfig(_Strict):
     levels: list[float] = Field(description="Resolutions in µm/px, coarse to fine; '20x' aliases accepted.")
     tile_px: int = Field(256, ge=16, le=4096)
-    min_label_fraction: float = Field(0.5, ge=0, le=1, description="Labelled share a tile needs to keep a label.")
+    min_label_fraction: float = Field(0.5, ge=0, le=1, description="Share of the tile area its majority class must cover for the tile to take that label (else it is unlabelled).")
     unlabelled: Literal["drop", "keep"] = "drop"
 
     @field_validator("levels", mode="before")
@@ -228,6 +228,8 @@ class EvaluateConfig(_Strict):
         description="Classifier settings: tstr (train on synthetic), trtr (train on real), mixed (real + synthetic); "
                     "all are tested on the real holdout patients.")
     pfid_crop_px: int | None = Field(None, ge=8, description="Patch-FID crop side in pixels (default: tile_px // 2).")
+    feature_px: int | None = Field(None, ge=32, description="Input side of the 'efficientnet' space (default 224, its "
+                                   "ImageNet size; smaller is faster on a CPU and is named in every figure).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (classifiers and feature extraction).")
 
 

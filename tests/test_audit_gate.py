@@ -33,7 +33,6 @@ from synthpath.tiles.store import TileStore, write_tile_store
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_recipe_dict  # noqa: E402
 
-torch.set_num_threads(1)
 PX = 16
 MPP = 2.0
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from synthpath.evaluate import fidelity as fid
 from synthpath.evaluate import utility as ut
@@ -140,7 +139,6 @@ def test_validation_is_carved_by_group():
 
 
 def test_tstr_equals_trtr_when_synthetic_is_the_training_set():
-    torch.set_num_threads(1)
     x, y = textures(240, seed=0)
     tx, ty = textures(160, seed=1)
     perm = np.random.default_rng(5).permutation(len(y))
@@ -159,7 +157,6 @@ def test_tstr_equals_trtr_when_synthetic_is_the_training_set():
 
 
 def test_tstr_at_chance_with_shuffled_labels():
-    torch.set_num_threads(1)
     x, y = textures(240, seed=0)
     tx, ty = textures(200, seed=1)
     shuffled = np.random.default_rng(9).permutation(y)
@@ -286,7 +283,6 @@ def test_stage_writes_report_plots_and_card(tmp_path):
     from synthpath.pipeline import StageContext
     from synthpath.evaluate import stage
 
-    torch.set_num_threads(1)
     levels, classes = build_world(tmp_path)
     recipe = tiny_recipe(tmp_path, levels, classes)
     work = tmp_path / "evaluate.partial"

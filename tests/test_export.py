@@ -22,17 +22,6 @@ from synthpath.generate.writers import finished_marker, sample_members, write_js
 from synthpath.pipeline import ReleaseBlocked, StageContext, StageError
 from synthpath.recipe import parse_recipe
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box has 2 shared cores, and oversubscribed threads make the
-    tiny convolutions here 20x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CLASSES = ["tumour", "stroma", "normal"]
 

@@ -17,17 +17,6 @@ from synthpath.pipeline import StageError
 from synthpath.recipe import parse_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box has 2 shared cores, and oversubscribed threads make the
-    tiny convolutions here 20x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_recipe(tmp_path: Path, **gen) -> object:
     slide = tmp_path / "s.svs"

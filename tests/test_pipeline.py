@@ -7,7 +7,6 @@ The mechanism is tested with two small stages put in place of ``ingest`` and ``t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -104,6 +103,45 @@ def test_interrupted_stage_resumes_and_never_looks_finished(recipe, calls):
     r2 = recipe(train={"steps": 3})
     build(r2)
     assert (r2.output_dir / "train" / "b.txt").read_text().endswith("resumed_from=0")
+
+
+def test_deferred_worker_leaves_the_partial_folder_and_exits_zero(recipe, calls, monkeypatch, capsys):
+    """A torchrun/Slurm worker that did its share but is not the one to finish the stage
+    raises StageDeferred: the CLI says so and exits 0, the .partial folder stays for the
+    worker that finishes, and a re-run resumes it."""
+    from synthpath import cli
+
+    r = recipe()
+    build(r, until="ingest")
+    reg = pipeline._registry()
+    finished = {"flag": False}
+
+    def worker(ctx):
+        (ctx.workdir / "mine.txt").write_text("rank1")
+        if not finished["flag"]:
+            raise pipeline.StageDeferred("rank 1 of 2 finished its shards; 1 shard pending")
+        return {"files": sorted(p.name for p in ctx.workdir.iterdir())}
+
+    reg["train"] = Stage("train", ("train",), ("ingest",), worker)
+    monkeypatch.setattr(cli, "load_recipe", lambda *a, **k: r)
+    assert cli.main(["train", "unused.yaml"]) == 0
+    assert "deferred: rank 1 of 2" in capsys.readouterr().out
+    assert (r.output_dir / "train.partial" / "mine.txt").exists() and not (r.output_dir / "train").exists()
+    finished["flag"] = True
+    m = run_stage(r, "train")
+    assert "mine.txt" in m["summary"]["files"] and (r.output_dir / "train" / "mine.txt").exists()
+
+
+def test_partial_folder_without_fingerprint_is_adopted_not_wiped(recipe, calls):
+    """Two workers start a stage at once: the second may see the folder before the first
+    wrote fingerprint.json. It must not delete the first one's work."""
+    r = recipe()
+    build(r, until="ingest")
+    work = r.output_dir / "train.partial"
+    work.mkdir(parents=True)
+    (work / "progress.txt").write_text("3")
+    build(r)
+    assert (r.output_dir / "train" / "b.txt").read_text().endswith("resumed_from=3")
 
 
 def test_missing_upstream_is_a_clear_error(recipe, calls):

@@ -17,7 +17,6 @@ from synthpath.train import privacy as P
 from synthpath.train.batches import PoissonSampler
 from synthpath.train.engine import PlainGradients, PrivateGradients, Rows, gradient_step
 
-torch.set_num_threads(1)
 
 
 class SmallNet(nn.Module):

@@ -27,14 +27,6 @@ from synthpath.recipe import SamplerConfig
 FAST = SamplerConfig(name="dpmpp_2m", steps=1, guidance_scale=1.0, zoom_start=0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine extra threads only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _micro(px: int) -> SynthUNet:
     torch.manual_seed(0)

@@ -13,10 +13,9 @@ from safetensors.torch import load_file
 from synthpath.models import load_model
 from synthpath.pipeline import StageContext, StageError
 from synthpath.recipe import parse_recipe
-from synthpath.train.toystore import make_toy_store
+from synthpath.tiles.toystore import make_toy_store
 from synthpath.train.trainer import TrainingInterrupted, run, train
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

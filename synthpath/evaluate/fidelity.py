@@ -43,9 +43,9 @@ def _as_features(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return a.astype(np.float64, copy=False)
 
 
-def _check_pair(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(real: np.ndarray, synth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r = _as_features(real, "real")
-    f = _as_features(fake, "synthetic")
+    f = _as_features(synth, "synthetic")
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"feature dimensions differ: real {r.shape[1]} vs synthetic {f.shape[1]}")
     return r, f
@@ -86,7 +86,7 @@ def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.
     return max(value, 0.0)
 
 
-def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+def frechet_distance(real: np.ndarray, synth: np.ndarray) -> float:
     """FID-style Fréchet distance between two feature arrays [N, D] and [M, D].
 
     With fewer samples than dimensions (common per level: hundreds of tiles, 1280-d
@@ -95,7 +95,7 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     eigenvalues of ``S1 S2`` are the squared singular values of ``Aᵀ B`` (N×M), so
     ``tr((S1 S2)^½)`` is the nuclear norm of ``Aᵀ B``: exact, and real by construction.
     """
-    r, f = _check_pair(real, fake)
+    r, f = _check_pair(real, synth)
     n, m, d = r.shape[0], f.shape[0], r.shape[1]
     if min(n, m) >= d:
         return frechet_from_stats(*gaussian_stats(r), *gaussian_stats(f))
@@ -121,7 +121,7 @@ def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
 
 
 def kernel_inception_distance(
-    real: np.ndarray, fake: np.ndarray, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+    real: np.ndarray, synth: np.ndarray, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0
 ) -> dict:
     """KID: unbiased MMD² (cubic polynomial kernel) over random subsets without replacement.
 
@@ -130,7 +130,7 @@ def kernel_inception_distance(
     subset size is capped by the smaller set, so small sets still give an (unbiased,
     noisier) estimate.
     """
-    r, f = _check_pair(real, fake)
+    r, f = _check_pair(real, synth)
     size = int(min(subset_size, r.shape[0], f.shape[0]))
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
@@ -169,18 +169,18 @@ def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) 
     return float(inside.double().mean())
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int = 3) -> dict:
+def precision_recall(real: np.ndarray, synth: np.ndarray, *, k: int = 3) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds."""
-    r, f = _check_pair(real, fake)
+    r, f = _check_pair(real, synth)
     rt, ft = torch.from_numpy(r), torch.from_numpy(f)
     r_rad = torch.from_numpy(knn_radii(r, k))
     f_rad = torch.from_numpy(knn_radii(f, k))
     return {"precision": _coverage(ft, rt, r_rad), "recall": _coverage(rt, ft, f_rad), "k": int(k)}
 
 
-def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, k: int = 3, kid_subsets: int = 100, seed: int = 0) -> dict:
+def fidelity_metrics(real: np.ndarray, synth: np.ndarray, *, k: int = 3, kid_subsets: int = 100, seed: int = 0) -> dict:
     """FID, KID and improved precision/recall in one dict, with the sample counts."""
-    r, f = _check_pair(real, fake)
+    r, f = _check_pair(real, synth)
     out: dict = {"n_real": int(r.shape[0]), "n_synthetic": int(f.shape[0]), "feature_dim": int(r.shape[1])}
     out["fid"] = frechet_distance(r, f)
     out["kid"] = kernel_inception_distance(r, f, subsets=kid_subsets, seed=seed)
@@ -200,7 +200,8 @@ SPACE_DESCRIPTIONS = {
 }
 
 
-def load_feature_space(space: str, checkpoint: Path | str | None = None, device: str | torch.device = "cpu"):
+def load_feature_space(space: str, checkpoint: Path | str | None = None, device: str | torch.device = "cpu",
+                       image_px: int | None = None):
     """Build the feature space object from :mod:`synthpath.features` (AUDIT's shared
     extractors), so audit and evaluation embed images identically."""
     if space not in SPACE_DESCRIPTIONS:
@@ -212,7 +213,8 @@ def load_feature_space(space: str, checkpoint: Path | str | None = None, device:
             raise FileNotFoundError(f"feature space {space!r}: weights file not found: {checkpoint}")
     from synthpath import features as _features
 
-    return _features.build_feature_space(space, checkpoint=checkpoint, device=device)
+    extra = {"image_px": image_px} if image_px and space == "efficientnet" else {}
+    return _features.build_feature_space(space, checkpoint=checkpoint, device=device, **extra)
 
 
 def features_for(images: np.ndarray, space, *, batch_size: int = 64) -> np.ndarray:

@@ -117,9 +117,9 @@ def pfid_for_level(slide_levels: list[np.ndarray], real: np.ndarray, crop_px: in
     n = int(min(n, sum((im.shape[0] // crop_px) * (im.shape[1] // crop_px) for im in usable)))
     if n < 2:
         return {"skipped": f"fewer than 2 crops of {crop_px} px fit in the synthetic slides"}
-    fake_crops = fid.pyramid_crops(usable, n, crop_px, seed)
+    syn_crops = fid.pyramid_crops(usable, n, crop_px, seed)
     real_crops = fid.random_crops(list(real), n, crop_px, seed + 1)
-    fr, fs = fid.features_for(real_crops, space), fid.features_for(fake_crops, space)
+    fr, fs = fid.features_for(real_crops, space), fid.features_for(syn_crops, space)
     return {"pfid": fid.frechet_distance(fr, fs), "n_crops": int(n), "crop_px": int(crop_px),
             "n_slides": len(usable), "feature_space": space_name,
             "real_source": f"{crop_px}px crops of {len(real)} real holdout tiles"}
@@ -234,7 +234,8 @@ def run(ctx: StageContext) -> dict:
                    val_fraction=cfg.val_fraction)
         seeds = list(cfg.seeds)
         try:
-            space = fid.load_feature_space(cfg.feature_space, cfg.feature_checkpoint, device=device)
+            space = fid.load_feature_space(cfg.feature_space, cfg.feature_checkpoint, device=device,
+                                          image_px=cfg.feature_px)
         except (ValueError, FileNotFoundError) as e:
             raise StageError(f"evaluate.feature_space: {e}") from e
         space_name = cfg.feature_space

@@ -80,7 +80,6 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
     """Wrap ``model``/``optimizer`` for the recipe's privacy setting. The only place where a
     private run differs from a non-private one."""
     tcfg, pcfg = recipe.train, recipe.privacy
-    steps = tcfg.steps
     if not pcfg.enabled:
         module = model
         if tcfg.compile:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..slides.testdata import tissue_image
-from ..tiles.store import TileStore, write_tile_store
+from .store import TileStore, write_tile_store
 
 
 def make_toy_store(root: Path | str, *, n_patients: int = 6, tile_px: int = 16, n_levels: int = 2,
