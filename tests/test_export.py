@@ -220,7 +220,9 @@ def test_card_numbers_equal_their_sources(tmp_path, dp):
     hfmod.run(ctx)
     export_dir = ctx.workdir
     evaluate = {"tstr": {"accuracy": 0.8125, "ci95": [0.77, 0.85]}, "trtr": {"accuracy": 0.9042},
-                "fidelity": {"20x": {"fid": 41.37, "kid": 0.0123}}}
+                "fidelity": {"20x": {"fid": 41.37, "kid": 0.0123}},
+                "headline": {"10x": {"tstr_balanced_accuracy": 0.8217, "tstr_balanced_accuracy_ci95": [0.7931, 0.8503]},
+                             "20x": {"tstr_balanced_accuracy": 0.5372, "tstr_balanced_accuracy_ci95": [0.2418, 0.8326]}}}
     card_path = write_card(export_dir, recipe=recipe, ingest_dir=dirs["ingest"], train_dir=dirs["train"],
                            audit_dir=dirs["audit"], generate_dir=dirs["generate"], evaluate_report=evaluate)
     card = card_path.read_text()
@@ -243,6 +245,10 @@ def test_card_numbers_equal_their_sources(tmp_path, dp):
     known = {r["text"] for r in prov}
     stray = [m for m in _NUM.findall(_prose(card)) if m not in known]
     assert not stray, f"numbers in the card with no source: {stray}"
+    # a TSTR interval that reaches chance is the first limitation, naming only that level
+    lim = card.split("## Bias, Risks, and Limitations", 1)[1]
+    assert lim.lstrip().startswith("- **A classifier trained on this synthetic data does no better than chance")
+    assert "`20x` 0.5372" in lim and "`10x` 0.8217" not in lim
     # the headline figures are there
     if dp:
         assert "ε = 7.912" in card and "δ = 0.0008" in card

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import struct
 from pathlib import Path
 from string import Template
@@ -35,7 +36,13 @@ from PIL import Image
 
 from ..pipeline import StageError
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "cards" / "dataset_card.md"
+# The template lives in the repository's cards/ folder (used as is by an editable install);
+# a wheel install carries a copy under <prefix>/share/synthpath/cards (pyproject data-files).
+_TEMPLATE_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "cards" / "dataset_card.md",
+    Path(sys.prefix) / "share" / "synthpath" / "cards" / "dataset_card.md",
+)
+TEMPLATE = next((c for c in _TEMPLATE_CANDIDATES if c.is_file()), _TEMPLATE_CANDIDATES[0])
 GRID_COLS = 8
 
 
@@ -280,6 +287,29 @@ def _utility_section(num: Numbers, report: dict | None, src: str) -> str:
     return "\n\n".join(parts)
 
 
+def _chance_warning(num: Numbers, report: dict | None, src: str, classes: list[str]) -> list[str]:
+    """A first limitation when synthetic-trained classifiers cannot be told from chance on the
+    real holdout patients (the 95% interval of TSTR balanced accuracy reaches chance, or,
+    with one seed, the value is at or below it)."""
+    head = (report or {}).get("headline") or {}
+    chance = 1.0 / max(len(classes), 1)
+    hits = []
+    for lv, h in head.items():
+        if not isinstance(h, dict) or not isinstance(h.get("tstr_balanced_accuracy"), (int, float)):
+            continue
+        ci = h.get("tstr_balanced_accuracy_ci95")
+        low = ci[0] if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] is not None else h["tstr_balanced_accuracy"]
+        if low <= chance + 1e-9:
+            hits.append(f"`{lv}` {num(h['tstr_balanced_accuracy'], src, ['headline', lv, 'tstr_balanced_accuracy'])}")
+    if not hits:
+        return []
+    n = num(len(classes), "recipe", ["data", "classes", "#len"])
+    return [f"- **A classifier trained on this synthetic data does no better than chance on real held-out patients** "
+            f"(TSTR balanced accuracy {', '.join(hits)}; chance is one in {n} classes, and the confidence interval reaches "
+            "it). The model did not learn what tells the classes apart, at this privacy budget and training "
+            "length: use this release to test pipelines, not to train or benchmark models."]
+
+
 def _sample_grids(generate_dir: Path, hf_dir: Path, classes: list[str], level_names: list[str]) -> list[str]:
     """One PNG per level: a row per class, up to GRID_COLS samples each, from the shards."""
     from .hf import iter_shard_samples
@@ -444,6 +474,7 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
            "by slide.",
            "- The empirical audit tests near-copies and membership inference with specific feature spaces and "
            "attacks; passing it is evidence, not proof, of privacy."]
+    lim[:0] = _chance_warning(num, evaluate_report, evaluate_src, classes)
     if ledger and ledger.get("enabled") and ledger.get("unit") == "tile":
         lim.append("- The privacy unit is one tile, not one patient: a patient contributes many tiles, so the "
                    "guarantee per patient is much weaker than the ε above.")
@@ -470,7 +501,9 @@ def write_card(export_dir: Path, *, recipe, ingest_dir: Path, train_dir: Path, a
     export_dir, hf_dir = Path(export_dir), Path(export_dir) / "hf"
     generate_dir = Path(generate_dir)
     if not TEMPLATE.is_file():
-        raise StageError(f"the dataset card template {TEMPLATE} is missing (it ships in the repository's cards/ folder)")
+        raise StageError("the dataset card template is missing; looked in "
+                         + ", ".join(str(c) for c in _TEMPLATE_CANDIDATES)
+                         + " (it ships in the repository's cards/ folder)")
     info = _read_json(export_dir / "export.json", "the export summary")
     hf_dir.mkdir(parents=True, exist_ok=True)
     images: dict = {"grids": {}}
