@@ -1,4 +1,5 @@
-"""Slide quality of a trained checkpoint against the same architecture untrained.
+"""Slide quality of a trained checkpoint against the same architecture untrained, and
+against itself without seam inpainting.
 
 Synthesises ``--slides`` pyramids with each model (same seeds, labels and sampler), and
 reports the cross-level consistency (PSNR/SSIM of each level box-downsampled against the
@@ -83,16 +84,20 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [1000 + i for i in range(args.slides)]
     args.out.mkdir(parents=True, exist_ok=True)
     res = {}
-    for name, model in (("untrained", untrained), ("trained", trained)):
+    # "trained, no seam inpainting" is the seam ablation: the same model and seeds, but each tile
+    # ignores its finished neighbours (no known pixels) and overwrites the overlap.
+    runs = (("untrained", untrained, True), ("trained, no seam inpainting", trained, False), ("trained", trained, True))
+    for name, model, inpaint in runs:
         t0 = time.time()
-        pyrs = synthesize_slides(model, labels, tuple(args.layout), levels, seeds, sampler=sampler, batch_size=args.batch)
+        pyrs = synthesize_slides(model, labels, tuple(args.layout), levels, seeds, sampler=sampler, batch_size=args.batch,
+                                 inpaint_seams=inpaint)
         res[name] = _summary(pyrs) | {"seconds": round(time.time() - t0, 1)}
-        _strip(pyrs[0]).save(args.out / f"{name}_slide0.png")
+        _strip(pyrs[0]).save(args.out / f"{name.replace(', ', '_').replace(' ', '_')}_slide0.png")
     print(json.dumps(res, indent=1))
     if not args.no_write:
         lines = [f"\n## Slide quality, trained vs untrained (bench_quality.py), {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
                  f"\ncheckpoint `{args.train_dir}` ({cfg['model'].get('size')}, {cfg['model']['tile_px']} px, levels {levels}, "
-                 f"step {cfg.get('step', '?')}); {args.slides} slides of {args.layout[0]}x{args.layout[1]} coarsest tiles; "
+                 f"{cfg.get('steps', '?')} training steps, DP {'on' if (cfg.get('privacy') or {}).get('enabled') else 'off'}); {args.slides} slides of {args.layout[0]}x{args.layout[1]} coarsest tiles; "
                  f"{args.sampler} {args.steps} steps, guidance {args.guidance}, zoom from t={args.zoom_start}.\n\n",
                  "| model | " + " | ".join(f"PSNR L{k}" for k in res['trained']['psnr']) + " | "
                  + " | ".join(f"SSIM L{k}" for k in res['trained']['ssim']) + " | "

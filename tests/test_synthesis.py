@@ -134,6 +134,18 @@ def test_known_neighbours_are_continued(m32):
     assert np.abs(first.astype(int) - img[:, :32].astype(int)).max() <= 1
 
 
+def test_without_seam_inpainting_neighbours_are_overwritten(m32):
+    """The seam ablation: with ``inpaint_seams=False`` a tile gets no known pixels, so the next
+    tile overwrites the overlap with its own unrelated pixels."""
+    kw = dict(sampler=FAST, seed=5)
+    first = synthesize_slide(m32, 1, (1, 1), [1.0], **kw).levels[0]
+    pyr = synthesize_slide(m32, 1, (1, 2), [1.0], inpaint_seams=False, **kw)
+    assert pyr.inpaint_seams is False  # pyramid_seams then measures at the tile origins
+    plain = pyr.levels[0]
+    assert np.abs(first[:, :16].astype(int) - plain[:, :16].astype(int)).max() <= 1  # not overlapped: same
+    assert np.abs(first[:, 16:32].astype(int) - plain[:, 16:32].astype(int)).mean() > 5  # overwritten
+
+
 def test_tile_filter_regenerates_near_copies(m32):
     levels, layout = [1.0], (1, 2)
     ref = synthesize_slide(m32, 0, layout, levels, seed=11, sampler=FAST)

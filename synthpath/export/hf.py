@@ -140,7 +140,7 @@ def sample_row(key: str, parts: dict[str, bytes], classes: list[str], level_name
 
 
 class _SplitWriter:
-    """Streams rows of one split into ``data/<split>-XXXXX-of-YYYYY.parquet`` files of
+    """Streams rows of one split into ``data/<split>-<i:05d>-of-<n:05d>.parquet`` files of
     at most ``ROWS_PER_FILE`` rows (the total is known from the plan, so names are final
     from the start); each file is written to a temp name and renamed when closed."""
 

@@ -125,7 +125,12 @@ def seam_score(
 
 
 def pyramid_seams(pyramid: "Pyramid") -> list[dict]:
-    """``{"level", "mpp", "seam"}`` for each level, at the lines where synthesis began new pixels."""
+    """``{"level", "mpp", "seam"}`` for each level, at the lines where synthesis began new pixels.
+
+    With seam inpainting, a tile keeps its neighbours' pixels in the overlap (known pixels),
+    so its own pixels begin where the previous tile ends (``y + tile_px``). Without it
+    (``pyramid.inpaint_seams`` False), a tile overwrites the overlap, so they begin at its
+    own origin (the next tile's ``y``)."""
     from .synthesis import tile_positions
 
     px = pyramid.tile_px
@@ -134,7 +139,10 @@ def pyramid_seams(pyramid: "Pyramid") -> list[dict]:
     for k, lev in enumerate(pyramid.levels):
         h, w = np.asarray(lev).shape[:2]
         ys, xs = tile_positions(h, px, ov), tile_positions(w, px, ov)
-        by, bx = [y + px for y in ys[:-1]], [x + px for x in xs[:-1]]
+        if getattr(pyramid, "inpaint_seams", True):
+            by, bx = [y + px for y in ys[:-1]], [x + px for x in xs[:-1]]
+        else:
+            by, bx = list(ys[1:]), list(xs[1:])
         if not by and not bx:
             continue
         out.append({"level": k, "mpp": float(pyramid.mpp[k]), "seam": seam_score(lev, px, borders=(by, bx))})

@@ -69,6 +69,7 @@ class Pyramid:
     n_filtered: int = 0
     tiles_per_level: list[int] = field(default_factory=list)
     overlap: int | None = None  # minimum tile overlap used (default tile_px // 4)
+    inpaint_seams: bool = True  # False: tiles ignored their neighbours and overwrote the overlap
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -203,8 +204,12 @@ def synthesize_slides(
     max_retries: int = 8,
     workdir: str | Path | None = None,
     overlap: int | None = None,
+    inpaint_seams: bool = True,
 ) -> list[Pyramid]:
-    """Synthesise several slides at once (their tiles share batches); one Pyramid each."""
+    """Synthesise several slides at once (their tiles share batches); one Pyramid each.
+
+    ``inpaint_seams=False`` gives each tile no known pixels (its neighbours are ignored and
+    it simply overwrites the overlap): the ablation that shows what seam inpainting buys."""
     if len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
     if batch_size < 1:
@@ -241,7 +246,8 @@ def synthesize_slides(
             for c0 in range(0, len(tasks), batch_size):
                 pending = [(s, i, j, 0) for (s, i, j) in tasks[c0:c0 + batch_size]]
                 while pending:
-                    imgs = _generate(model, slides, pending, k, mpp, ys, xs, px, f, t_start, steps, cfg, solve, dev, num_classes)
+                    imgs = _generate(model, slides, pending, k, mpp, ys, xs, px, f, t_start, steps, cfg, solve, dev,
+                                     num_classes, inpaint_seams)
                     flags = _flags(tile_filter, imgs, k)
                     retry = []
                     for (s, i, j, a), img, bad in zip(pending, _to_uint8(imgs), flags):
@@ -265,7 +271,8 @@ def synthesize_slides(
                 sl.levels[k].flush()
     return [
         Pyramid(levels=sl.levels, mpp=[float(m) for m in levels], tile_px=px, seed=sl.seed, label=sl.label,
-                n_filtered=sl.n_filtered, tiles_per_level=list(tiles_per_level), overlap=overlap)
+                n_filtered=sl.n_filtered, tiles_per_level=list(tiles_per_level), overlap=overlap,
+                inpaint_seams=inpaint_seams)
         for sl in slides
     ]
 
@@ -284,11 +291,13 @@ def synthesize_slide(
     max_retries: int = 8,
     workdir: str | Path | None = None,
     overlap: int | None = None,
+    inpaint_seams: bool = True,
 ) -> Pyramid:
     """Synthesise one slide of class ``label`` (None or -1: unconditional) from ``seed``."""
     return synthesize_slides(
         model, [label], layout_tiles, levels, [seed], sampler=sampler, tile_filter=tile_filter,
         device=device, batch_size=batch_size, max_retries=max_retries, workdir=workdir, overlap=overlap,
+        inpaint_seams=inpaint_seams,
     )[0]
 
 
@@ -302,7 +311,8 @@ def _flags(tile_filter: TileFilter | None, imgs: torch.Tensor, level: int) -> li
     return [bool(v) for v in out.tolist()]
 
 
-def _generate(model, slides, pending, k, mpp, ys, xs, px, f, t_start, steps, cfg, solve, dev, num_classes) -> torch.Tensor:
+def _generate(model, slides, pending, k, mpp, ys, xs, px, f, t_start, steps, cfg, solve, dev, num_classes,
+              inpaint_seams: bool = True) -> torch.Tensor:
     """Sample the tiles ``pending`` = [(slide, row, col, attempt)] of level ``k`` in one batch."""
     b = len(pending)
     known = np.zeros((b, px, px, 3), dtype=np.uint8)
@@ -313,7 +323,8 @@ def _generate(model, slides, pending, k, mpp, ys, xs, px, f, t_start, steps, cfg
         sl = slides[s]
         y, x = ys[i], xs[j]
         known[n] = sl.levels[k][y:y + px, x:x + px]
-        mask[n] = known_mask(sl.done, i, j, ys, xs, px)
+        if inpaint_seams:
+            mask[n] = known_mask(sl.done, i, j, ys, xs, px)
         if k:
             parent[n] = _parent_crop(sl.levels[k - 1], y, x, px, f)
         seeds.append(derive_seed("tile", sl.seed, k, i, j, a))

@@ -1,6 +1,6 @@
 """Resumable training state without pickles: tensors in safetensors, the rest in JSON.
 
-``state/step_XXXXXXX/`` holds ``tensors.safetensors`` (model and EMA weights, every tensor of
+``state/step_<step:07d>/`` holds ``tensors.safetensors`` (model and EMA weights, every tensor of
 the optimiser state, the states of the training generators and torch's global RNG) and
 ``state.json`` (step, optimiser hyper-parameters and scalar state, numpy's and Python's RNG
 states, the accountant history, the loss log). ``state/latest.json`` names the newest
@@ -70,7 +70,7 @@ def _set_py_random_state(s: list) -> None:
 
 def save_state(root: Path, *, step: int, model: torch.nn.Module, ema: torch.nn.Module,
                optimizer_state: dict, generators: dict[str, torch.Generator], extra: dict) -> Path:
-    """Write ``root/step_XXXXXXX`` and point ``root/latest.json`` at it; older folders are removed."""
+    """Write ``root/step_<step:07d>`` and point ``root/latest.json`` at it; older folders are removed."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name

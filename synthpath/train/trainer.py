@@ -8,7 +8,7 @@ stage folder:
   config + tile_px, levels, classes, recipe hash, steps, privacy summary) -- through
   :func:`synthpath.models.save_checkpoint`;
 - ``ledger.json`` (the privacy ledger, also written at every checkpoint);
-- ``losses.csv``, ``loss.png``, ``samples/step_XXXXX.png``;
+- ``losses.csv``, ``loss.png``, ``samples/step_<step:05d>.png``;
 - while running, ``state/`` (see :mod:`synthpath.train.state`): an interrupted run resumes
   from the last checkpoint and ends with the same weights, bit for bit on the CPU.
 
