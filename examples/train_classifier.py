@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, n = total + float(loss) * len(y), n + len(y)
+            total, n = total + loss.item() * len(y), n + len(y)
         print(f"epoch {epoch}: train loss {total / n:.4f}")
 
     model.eval()
