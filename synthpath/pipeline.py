@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .atomic import write_json
 from .recipe import Recipe
 
 log = logging.getLogger("synthpath")
@@ -140,11 +141,6 @@ def is_current(recipe: Recipe, stage: Stage) -> bool:
     return m.get("fingerprint") == fp
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
 
 def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict | None = None) -> dict:
     """Run one stage if its output is missing or stale (or ``force``); return its manifest."""
@@ -174,7 +170,7 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
             log.info("resuming stage %s from %s", name, work)
     work.mkdir(parents=True, exist_ok=True)
     if not fp_file.exists():
-        _atomic_write_json(fp_file, {"fingerprint": fp})
+        write_json(fp_file, {"fingerprint": fp})
 
     ctx = StageContext(
         recipe=recipe,
@@ -199,7 +195,7 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         "summary": summary,
     }
     fp_file.unlink(missing_ok=True)
-    _atomic_write_json(work / MANIFEST, manifest)
+    write_json(work / MANIFEST, manifest)
     # Swap into place: the old folder (if any) is moved aside first, then removed.
     if final.exists():
         trash = recipe.output_dir / f"{name}.old"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from synthpath.atomic import write_json
 from synthpath.features import FeatureSpace, FeatureSpaceError, as_model_images
 
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -181,9 +182,7 @@ def save_encoder(enc: AuditEncoder, folder: Path | str, extra: dict | None = Non
     save_file({k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}, str(tmp))
     os.replace(tmp, folder / ENCODER_WEIGHTS)
     cfg = {"config": enc.config, **(extra or {})}
-    tmpj = folder / (ENCODER_CONFIG + ".tmp")
-    tmpj.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmpj, folder / ENCODER_CONFIG)
+    write_json(folder / ENCODER_CONFIG, cfg)
 
 
 def load_encoder(folder: Path | str, device=None) -> AuditEncoder:

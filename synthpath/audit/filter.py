@@ -29,6 +29,8 @@ from torch import Tensor
 from synthpath.features import (CheckpointSpace, EfficientNetSpace, FeatureSpace, FeatureSpaceError, PixelSpace,
                                 resolve_device)
 
+from synthpath.atomic import write_json
+
 from .neighbours import calibrated_l2, is_copy, knn_views
 
 FILTER_DIR = "filter"
@@ -113,9 +115,7 @@ class ReleaseFilter:
             "rule": "copy iff d1 <= tau_d and calibrated_l2 <= tau_cal, in any space",
             **(meta or {}),
         }
-        tmp = folder / (FILTER_JSON + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, folder / FILTER_JSON)
+        write_json(folder / FILTER_JSON, doc)
         feats = {k: v.detach().to(torch.float16).cpu() for k, v in train_features.items()}
         return cls(spaces, feats, thresholds, n=n, levels=levels, device=device, folder=folder)
 

@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from synthpath.features import EfficientNetSpace, FeatureSpace, FeatureSpaceError, PixelSpace, resolve_device
+from synthpath.atomic import write_text
 from synthpath.pipeline import ReleaseBlocked, StageContext, StageError
 
 from .filter import FILTER_DIR, ReleaseFilter
@@ -56,11 +57,6 @@ REPORT_FILES = ("report.json", "report.md", "contact_sheet.png", "roc.png")
 
 
 # --------------------------------------------------------------------------- helpers
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def _decode(pngs: list[bytes]) -> np.ndarray:
     from synthpath.tiles.store import decode_png
@@ -480,8 +476,8 @@ def run_audit(store, model, recipe, work: Path | str, *, device=None) -> dict:
 
 # --------------------------------------------------------------------------- outputs
 def write_report(report: dict, work: Path) -> None:
-    _atomic_text(work / "report.json", json.dumps(report, indent=2, default=str))
-    _atomic_text(work / "report.md", render_markdown(report))
+    write_text(work / "report.json", json.dumps(report, indent=2, default=str))
+    write_text(work / "report.md", render_markdown(report))
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

@@ -25,15 +25,14 @@ the export manifest is left untouched, so the export stage does not look stale.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from ..pipeline import StageContext, StageError
 from ..units import level_name
 from . import fidelity as fid
@@ -52,20 +51,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -313,7 +298,7 @@ def run(ctx: StageContext) -> dict:
         report["headline"] = headline(report)
         report["seconds"] = round(time.time() - t_start, 2)
         plots.metrics_plot(report, work / "metrics.png")
-        _atomic_json(work / "report.json", report)
+        write_json(work / "report.json", report)
         card_path = _write_card(ctx, report)
     finally:
         syn.close()

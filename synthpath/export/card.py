@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ..atomic import write_json, write_text
 from ..pipeline import StageError
 
 # The template lives in the repository's cards/ folder (used as is by an editable install);
@@ -517,20 +518,13 @@ def write_card(export_dir: Path, *, recipe, ingest_dir: Path, train_dir: Path, a
     if isinstance(evaluate_report, dict):
         # a view made by the caller: kept next to the card so its numbers have a file to cite
         ev, ev_src = evaluate_report, "hf/evaluation.json"
-        tmp = hf_dir / ".evaluation.json.tmp"
-        tmp.write_text(json.dumps(ev, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, hf_dir / "evaluation.json")
+        write_json(hf_dir / "evaluation.json", ev)
     elif evaluate_report is not None:
         ev = _read_json(Path(evaluate_report), "the evaluation report")
     text, prov = render_card(recipe=recipe, train_dir=Path(train_dir), audit_dir=Path(audit_dir),
                              generate_dir=generate_dir, export_info=info, export_src="export/export.json",
                              evaluate_report=ev, evaluate_src=ev_src, images=images)
-    for path, obj in (("card_provenance.json", prov),):
-        tmp = hf_dir / f".{path}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, hf_dir / path)
+    write_json(hf_dir / "card_provenance.json", prov)
     card = hf_dir / "README.md"
-    tmp = hf_dir / ".README.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, card)
+    write_text(card, text)
     return card

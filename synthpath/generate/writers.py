@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_json as write_json_atomic  # re-exported: runner and tests use this name
+
 #: mtime of every tar member (2000-01-01T00:00:00Z): fixed so bytes depend on content only.
 TAR_MTIME = 946684800
 PNG_COMPRESS_LEVEL = 6
@@ -92,12 +94,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
             h.update(b)
     return h.hexdigest()
 
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def write_shard(shard_dir: Path, shard: int, members: dict[str, bytes], marker: dict) -> dict:

@@ -17,7 +17,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
+
+from ..atomic import write_json
 
 META_FIELDS = [
     pa.field("tile_id", pa.string(), nullable=False),
@@ -68,11 +70,6 @@ def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def _atomic_parquet(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
@@ -176,7 +173,7 @@ class TileStoreWriter:
             "format": "synthpath-tile-store/1",
         }
         meta.update(extra or {})
-        _atomic_json(self.root / "store.json", meta)
+        write_json(self.root / "store.json", meta)
         self._closed = True
         return meta
 

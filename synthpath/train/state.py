@@ -20,13 +20,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_text
+
 LATEST = "latest.json"
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -97,7 +94,7 @@ def save_state(root: Path, *, step: int, model: torch.nn.Module, ema: torch.nn.M
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)
-    _atomic_text(root / LATEST, json.dumps({"step": step, "folder": name}))
+    write_text(root / LATEST, json.dumps({"step": step, "folder": name}))
     for old in root.iterdir():
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)

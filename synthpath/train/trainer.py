@@ -19,10 +19,8 @@ only the gradient wrapper differs (:func:`build_gradients`).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from ..models import build_model, save_checkpoint
 from ..pipeline import StageContext, StageError
 from . import privacy as P
@@ -180,11 +179,6 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
             e.lerp_(p.detach(), 1.0 - decay)
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
 
 def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = None,
           progress: bool = True) -> dict:
@@ -280,7 +274,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
                    generators=saved_gens, extra={"history": [list(h) for h in hist]})
         write_losses(workdir / "losses.csv", loss_rows)
         led = ledger()
-        _atomic_json(workdir / "ledger.json", led)
+        write_json(workdir / "ledger.json", led)
         save_checkpoint(workdir, model, ema, {**summary_base, "steps": step, "seed": recipe.seed,
                                               "recipe_hash": recipe.section_hash("model", "train", "privacy"),
                                               "privacy": _privacy_brief(led, dp)})
@@ -332,7 +326,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     save_checkpoint(workdir, model, ema, extra)
     write_losses(workdir / "losses.csv", loss_rows)
     plot_losses(workdir / "loss.png", loss_rows, f"{recipe.name}: {mcfg.size} model" + (" (DP)" if dp else ""))
-    _atomic_json(workdir / "ledger.json", led)
+    write_json(workdir / "ledger.json", led)
     first = [r["loss"] for r in loss_rows[: max(1, len(loss_rows) // 10)] if math.isfinite(r["loss"])]
     last = [r["loss"] for r in loss_rows[-max(1, len(loss_rows) // 10):] if math.isfinite(r["loss"])]
     shutil.rmtree(state_dir, ignore_errors=True)
