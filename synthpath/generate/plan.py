@@ -17,7 +17,17 @@ Vocabulary:
   its slide). Its pixels are fully determined by ``(slide_seed, position)``, so
   :func:`regenerate_sample` can rebuild any single sample on its own.
 * A **shard** is ``shard_samples`` consecutive samples (slide-major order), written as one
-  WebDataset tar.
+  WebDataset tar. Shards are packing only: they are written from finished slides, so a
+  slide whose samples straddle two shards is still made once.
+* A **group** is ``slides_per_group`` consecutive slides synthesised together (their tiles
+  share model batches). Groups are fixed by the plan, so the batches, and therefore every
+  pixel, are the same whichever worker makes a group, in one run or after a resume. A
+  group is the unit of work of a rank (group ``g`` belongs to rank ``g % world``).
+
+Modes (``generate.mode``). In ``stacks`` mode each slide gets ``samples_per_slide``
+distinct stacks at random positions and only the tiles under them are made; in ``slides``
+mode every stack of the layout is a sample (stack-number order), so the release holds
+every tile of every level.
 """
 
 from __future__ import annotations
@@ -34,7 +44,10 @@ from ..pipeline import StageError
 from ..recipe import Recipe
 from ..units import level_name
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+
+#: most slides per group when ``generate.slides_per_group`` is not set
+MAX_AUTO_GROUP = 8
 
 
 def stable_seed(*parts: object) -> int:
@@ -122,6 +135,41 @@ class GenerationPlan:
     samples: list[SamplePlan]
     label_source: str  # "recipe" or "training tiles"
     label_weights: list[float] = field(default_factory=list)
+    mode: str = "stacks"  # "stacks" or "slides" (generate.mode)
+    slides_per_group: int = 1
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(len(self.slides) / self.slides_per_group) if self.slides else 0
+
+    def group_slides(self, group: int) -> list[int]:
+        """Slide indices of a group (consecutive slides)."""
+        lo = group * self.slides_per_group
+        return list(range(lo, min(lo + self.slides_per_group, len(self.slides))))
+
+    def groups_for_rank(self, rank: int, world: int) -> list[int]:
+        """Groups a worker makes: group index modulo world size equals its rank."""
+        return [g for g in range(self.n_groups) if g % world == rank]
+
+    def shards_of_slide(self, slide: int) -> list[int]:
+        """The shards holding a slide's samples (one, or two or more when it straddles)."""
+        return sorted({self.samples[i].shard for i in self.slides[slide].samples})
+
+    def release_tiles(self, slide: int) -> dict[int, list[tuple[int, int]]]:
+        """level -> sorted distinct (row, col) grid tiles the slide's samples release."""
+        out: dict[int, set] = {k: set() for k in range(len(self.levels))}
+        for i in self.slides[slide].samples:
+            for p in self.samples[i].position:
+                out[p.level].add((p.row, p.col))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def n_release_tiles(self) -> list[int]:
+        """Distinct tiles released per level, over all slides."""
+        n = [0] * len(self.levels)
+        for s in range(len(self.slides)):
+            for k, t in self.release_tiles(s).items():
+                n[k] += len(t)
+        return n
 
     @property
     def n_shards(self) -> int:
@@ -153,6 +201,8 @@ class GenerationPlan:
             "n_shards": self.n_shards,
             "label_source": self.label_source,
             "label_weights": self.label_weights,
+            "mode": self.mode,
+            "slides_per_group": self.slides_per_group,
             "slides": [asdict(s) for s in self.slides],
             "samples": [asdict(s) for s in self.samples],
         }
@@ -283,7 +333,9 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
 
     factors = [grid_factor(levels, k + 1) // grid_factor(levels, k) for k in range(len(levels) - 1)]
     n_stacks = _stacks_in_slide(layout, factors)
-    if g.samples_per_slide > n_stacks:
+    mode = str(getattr(g, "mode", "stacks"))
+    per_slide = n_stacks if mode == "slides" else int(g.samples_per_slide)
+    if mode != "slides" and g.samples_per_slide > n_stacks:
         raise StageError(
             f"generate.samples_per_slide = {g.samples_per_slide} but a slide of layout {list(layout)} with levels "
             f"{levels} holds only {n_stacks} distinct stacks; lower it or enlarge generate.layout_tiles"
@@ -298,18 +350,21 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
         slide_seed = stable_seed("synthpath-slide", plan_seed, s)
         taken: set[int] = set()
         idxs = []
-        for j in range(g.samples_per_slide):
+        for j in range(per_slide):
             i = len(samples)
             seed = stable_seed("synthpath-sample", plan_seed, i)
-            rng = np.random.default_rng(seed)
-            free = n_stacks - len(taken)
-            pick = int(rng.integers(free))
-            # the pick-th stack number not yet taken in this slide (taken is small)
-            code = pick
-            for t in sorted(taken):
-                if t <= code:
-                    code += 1
-            taken.add(code)
+            if mode == "slides":
+                code = j  # every stack, in stack-number order
+            else:
+                rng = np.random.default_rng(seed)
+                free = n_stacks - len(taken)
+                pick = int(rng.integers(free))
+                # the pick-th stack number not yet taken in this slide (taken is small)
+                code = pick
+                for t in sorted(taken):
+                    if t <= code:
+                        code += 1
+                taken.add(code)
             grid = _decode_stack(code, layout, factors)
             pos = tuple(
                 LevelPos(level=k, mpp=levels[k], name=names[k], row=r, col=c, x=c * tile_px, y=r * tile_px)
@@ -322,6 +377,12 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
             idxs.append(i)
         slides.append(SlidePlan(index=s, slide_id=slide_id, label=lab, label_name=classes[lab], seed=slide_seed,
                                 samples=tuple(idxs)))
+    group = getattr(g, "slides_per_group", None)
+    if group is None:
+        # enough slides that their coarsest tiles fill one model batch, at most MAX_AUTO_GROUP
+        coarse = layout[0] * layout[1] if mode == "slides" else min(layout[0] * layout[1], per_slide)
+        group = min(MAX_AUTO_GROUP, max(1, math.ceil(int(g.batch_size) / max(1, coarse))))
     return GenerationPlan(classes=classes, levels=levels, level_names=names, tile_px=tile_px, layout_tiles=layout,
                           seed=plan_seed, shard_samples=int(g.shard_samples), slides=slides, samples=samples,
-                          label_source=source, label_weights=[float(w) for w in weights])
+                          label_source=source, label_weights=[float(w) for w in weights], mode=mode,
+                          slides_per_group=int(group))
