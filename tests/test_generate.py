@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthpath.generate.plan import holdout_slide_ids, largest_remainder, make_plan, stable_seed
+from synthpath.generate.plan import holdout_slide_ids, largest_remainder, make_plan, stable_seed, window_grids
 from synthpath.generate.runner import rank_world
 from synthpath.generate.writers import encode_png, finished_marker, sample_members, write_shard, write_tar
 from synthpath.pipeline import StageError
@@ -59,10 +59,12 @@ def test_plan_is_deterministic_and_complete(tmp_path):
         assert s.shard == s.index // 4
         # the stack is nested: each finer tile lies inside the coarser one
         for a, b in zip(s.position, s.position[1:]):
-            assert b.row // 2 == a.row and b.col // 2 == a.col
-        assert s.position[0].row < 2 and s.position[0].col < 2
+            assert a.x <= b.x / 2 and (b.x + 32) / 2 <= a.x + 32 and a.y <= b.y / 2 and (b.y + 32) / 2 <= a.y + 32
+        # stacks mode: each tile is one of synthesis's windows (so it is generated exactly once)
+        grids = window_grids((2, 2), [2.0, 1.0, 0.5], 32, 8)
+        for p in s.position:
+            assert grids[p.level][0][p.row] == p.y and grids[p.level][1][p.col] == p.x
         assert [p.name for p in s.position] == ["5x", "10x", "20x"]
-        assert s.position[-1].x == s.position[-1].col * 32
     # stacks within a slide are distinct
     for sl in p1.slides:
         stacks = {tuple((p.row, p.col) for p in p1.samples[i].position) for i in sl.samples}
@@ -264,7 +266,7 @@ def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     assert summary["n_samples"] == 6 and summary["n_shards"] == 2 and summary["this_run"]["slides"] == 1
     assert not (work / "work").exists() and not list(work.rglob("*.tmp*"))
     # stacks mode: the manifest says how many tiles were made per tile released (from every slide's marker)
-    assert summary["mode"] == "stacks" and summary["tiles_released"] == sum(plan.n_release_tiles())
+    assert summary["mode"] == "stacks" and summary["tiles_released"] == sum(plan.n_release_windows())
     assert summary["tiles_generated"] >= summary["tiles_released"] > 0
     assert summary["generated_per_released"] == round(summary["tiles_generated"] / summary["tiles_released"], 4)
     # a clean run in another folder gives byte-identical shards (deterministic sampling + tars)
@@ -300,7 +302,7 @@ def test_slides_mode_releases_every_tile(tmp_path):
     # a 1x1 layout over two levels holds 4 stacks: every one is a sample, in stack order
     assert len(plan.samples) == 8 and [s.position[-1].col + 2 * s.position[-1].row for s in plan.samples[:4]] == [0, 1, 2, 3]
     summary = runner.run(_ctx(recipe, dirs))
-    assert summary["mode"] == "slides" and summary["tiles_released_per_level"] == [2, 8]
+    assert summary["mode"] == "slides" and summary["distinct_images_released_per_level"] == [2, 8]
     assert summary["n_samples"] == 8
 
 

@@ -69,10 +69,13 @@ def pack_all(plan: GenerationPlan, workdir: Path, expect: dict, slide_markers: d
 
 
 def release_ratio(plan: GenerationPlan, slide_markers: dict[int, dict]) -> dict:
-    """Tiles generated per tile released, per level and in total. Released = distinct
-    (slide, level, row, col) tiles in the release; generated = model tiles synthesis made
-    for the slides (as each slide's marker recorded it, with filter re-syntheses)."""
-    released = plan.n_release_tiles()
+    """Tiles generated per tile released, per level and in total. A tile is one of
+    synthesis's tile windows. Released = the windows the released pixels need (``slides``
+    mode: every window of every slide; ``stacks`` mode: one per distinct released tile);
+    generated = the windows synthesis made for the slides (as each slide's marker recorded
+    them, including whole-slide re-syntheses after the release filter). 1.0 means no
+    generated tile is thrown away."""
+    released = plan.n_release_windows()
     gen = [0] * len(plan.levels)
     known = True
     for s in range(len(plan.slides)):
@@ -82,10 +85,13 @@ def release_ratio(plan: GenerationPlan, slide_markers: dict[int, dict]) -> dict:
             continue
         for k, v in enumerate(m["tiles_generated"]):
             gen[k] += int(v)
+    images = {"distinct_images_released": sum(plan.n_release_images()),
+              "distinct_images_released_per_level": plan.n_release_images()}
     if not known:
-        return {"tiles_released": sum(released), "tiles_released_per_level": released, "tiles_generated": None,
+        return {**images, "tiles_released": sum(released), "tiles_released_per_level": released, "tiles_generated": None,
                 "generated_per_released": None}
     return {
+        **images,
         "tiles_released": sum(released),
         "tiles_released_per_level": released,
         "tiles_generated": sum(gen),

@@ -46,6 +46,14 @@ from ..units import level_name
 
 PLAN_VERSION = 2
 
+#: parent-level pixels a tile's parent crop reads beyond its footprint (bicubic support)
+PARENT_MARGIN = 3
+
+
+def window_overlap(tile_px: int) -> int:
+    """The minimum overlap of synthesis's tile windows (its default, ``tile_px // 4``)."""
+    return max(1, tile_px // 4)
+
 #: most slides per group when ``generate.slides_per_group`` is not set
 MAX_AUTO_GROUP = 8
 
@@ -86,7 +94,9 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
 
 @dataclass(frozen=True)
 class LevelPos:
-    """Where a stack's tile lies at one level: tile grid row/col and pixel x/y in that
+    """Where a stack's tile lies at one level: row/col (in ``slides`` mode the grid of
+    non-overlapping tiles; in ``stacks`` mode the index of synthesis's tile window) and
+    pixel x/y in that
     level's image of the synthetic slide."""
 
     level: int
@@ -137,6 +147,7 @@ class GenerationPlan:
     label_weights: list[float] = field(default_factory=list)
     mode: str = "stacks"  # "stacks" or "slides" (generate.mode)
     slides_per_group: int = 1
+    window_overlap: int = 0  # min overlap of synthesis's tile windows (px), passed to synthesis
 
     @property
     def n_groups(self) -> int:
@@ -155,21 +166,31 @@ class GenerationPlan:
         """The shards holding a slide's samples (one, or two or more when it straddles)."""
         return sorted({self.samples[i].shard for i in self.slides[slide].samples})
 
-    def release_tiles(self, slide: int) -> dict[int, list[tuple[int, int]]]:
-        """level -> sorted distinct (row, col) grid tiles the slide's samples release."""
+    def release_tiles(self, slide: int) -> dict[int, list[tuple[int, int, int, int]]]:
+        """level -> sorted distinct pixel boxes ``(y0, x0, y1, x1)`` the slide's samples release."""
         out: dict[int, set] = {k: set() for k in range(len(self.levels))}
+        px = self.tile_px
         for i in self.slides[slide].samples:
             for p in self.samples[i].position:
-                out[p.level].add((p.row, p.col))
+                out[p.level].add((p.y, p.x, p.y + px, p.x + px))
         return {k: sorted(v) for k, v in out.items()}
 
-    def n_release_tiles(self) -> list[int]:
-        """Distinct tiles released per level, over all slides."""
+    def n_release_images(self) -> list[int]:
+        """Distinct tile images released per level, over all slides."""
         n = [0] * len(self.levels)
         for s in range(len(self.slides)):
             for k, t in self.release_tiles(s).items():
                 n[k] += len(t)
         return n
+
+    def n_release_windows(self) -> list[int]:
+        """Per level, the synthesis tile windows that the released pixels need, over all
+        slides: in ``slides`` mode every window of the slide (all of it is released); in
+        ``stacks`` mode one per distinct released tile (each is one window)."""
+        if self.mode != "slides":
+            return self.n_release_images()
+        grids = window_grids(self.layout_tiles, self.levels, self.tile_px, self.window_overlap)
+        return [len(ys) * len(xs) * len(self.slides) for ys, xs in grids]
 
     @property
     def n_shards(self) -> int:
@@ -178,10 +199,6 @@ class GenerationPlan:
     def shard_samples_of(self, shard: int) -> list[SamplePlan]:
         lo = shard * self.shard_samples
         return self.samples[lo: lo + self.shard_samples]
-
-    def shards_for_rank(self, rank: int, world: int) -> list[int]:
-        """Shards a worker owns: shard index modulo world size equals its rank."""
-        return [s for s in range(self.n_shards) if s % world == rank]
 
     def slide_px(self, level: int) -> tuple[int, int]:
         """(height, width) in pixels of a synthetic slide at ``level``."""
@@ -203,6 +220,7 @@ class GenerationPlan:
             "label_weights": self.label_weights,
             "mode": self.mode,
             "slides_per_group": self.slides_per_group,
+            "window_overlap": self.window_overlap,
             "slides": [asdict(s) for s in self.slides],
             "samples": [asdict(s) for s in self.samples],
         }
@@ -275,6 +293,44 @@ def holdout_slide_ids(slides: list[dict] | list[SlidePlan], n_classes: int, test
     return out
 
 
+def window_grids(layout: tuple[int, int], levels: list[float], tile_px: int, overlap: int) -> list[tuple[list[int], list[int]]]:
+    """(ys, xs): the origins of synthesis's tile windows at each level (the same evenly
+    spaced, overlapping windows :func:`synthpath.generate.synthesis.synthesize_slides` uses
+    with this ``overlap``)."""
+    from .synthesis import tile_positions
+
+    out = []
+    for k in range(len(levels)):
+        f = grid_factor(levels, k)
+        out.append((tile_positions(layout[0] * f * tile_px, tile_px, overlap),
+                    tile_positions(layout[1] * f * tile_px, tile_px, overlap)))
+    return out
+
+
+def _axis_chains(pos: list[list[int]], factors: list[int], tile_px: int, margin: int) -> list[tuple[int, ...]]:
+    """Every nested chain of window indices along one axis, coarsest first: the window at
+    level k+1 lies inside the footprint of the one at level k, with ``margin`` px (at the
+    coarser level) to spare for the bicubic parent crop where the windows allow it, so a
+    stack needs no tile beyond its own at each level (plus what synthesis adds for seams)."""
+    chains = [(i,) for i in range(len(pos[0]))]
+    for k, f in enumerate(factors):
+        parent, child = pos[k], pos[k + 1]
+        size = parent[-1] + tile_px
+        nxt = []
+        for ch in chains:
+            lo, hi = parent[ch[-1]], parent[ch[-1]] + tile_px
+            inside = [j for j, c in enumerate(child) if lo <= c // f and -(-(c + tile_px) // f) <= hi]
+            snug = [j for j in inside if lo <= max(0, child[j] // f - margin)
+                    and min(size, -(-(child[j] + tile_px) // f) + margin) <= hi]
+            for j in snug or inside:
+                nxt.append((*ch, j))
+        chains = nxt
+    if not chains:
+        raise StageError("no window of a finer level fits inside a window of the level above; "
+                         "check the levels and tile size")
+    return chains
+
+
 def _stacks_in_slide(layout: tuple[int, int], factors: list[int]) -> int:
     n = layout[0] * layout[1]
     for f in factors:
@@ -332,8 +388,15 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
     slide_labels = _spread(counts)
 
     factors = [grid_factor(levels, k + 1) // grid_factor(levels, k) for k in range(len(levels) - 1)]
-    n_stacks = _stacks_in_slide(layout, factors)
     mode = str(getattr(g, "mode", "stacks"))
+    overlap = window_overlap(tile_px)
+    if mode == "slides":
+        n_stacks = _stacks_in_slide(layout, factors)
+    else:  # stacks are nested synthesis windows, so each released tile is one generated tile
+        grids = window_grids(layout, levels, tile_px, overlap)
+        chains_y = _axis_chains([gr[0] for gr in grids], factors, tile_px, PARENT_MARGIN)
+        chains_x = _axis_chains([gr[1] for gr in grids], factors, tile_px, PARENT_MARGIN)
+        n_stacks = len(chains_y) * len(chains_x)
     per_slide = n_stacks if mode == "slides" else int(g.samples_per_slide)
     if mode != "slides" and g.samples_per_slide > n_stacks:
         raise StageError(
@@ -365,11 +428,14 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
                     if t <= code:
                         code += 1
                 taken.add(code)
-            grid = _decode_stack(code, layout, factors)
-            pos = tuple(
-                LevelPos(level=k, mpp=levels[k], name=names[k], row=r, col=c, x=c * tile_px, y=r * tile_px)
-                for k, (r, c) in enumerate(grid)
-            )
+            if mode == "slides":  # the plain grid of non-overlapping tiles, which covers the slide
+                grid = _decode_stack(code, layout, factors)
+                pos = tuple(LevelPos(level=k, mpp=levels[k], name=names[k], row=r, col=c, x=c * tile_px, y=r * tile_px)
+                            for k, (r, c) in enumerate(grid))
+            else:  # row/col index the level's synthesis windows
+                cy, cx = chains_y[code // len(chains_x)], chains_x[code % len(chains_x)]
+                pos = tuple(LevelPos(level=k, mpp=levels[k], name=names[k], row=cy[k], col=cx[k], x=grids[k][1][cx[k]],
+                                     y=grids[k][0][cy[k]]) for k in range(len(levels)))
             samples.append(SamplePlan(
                 index=i, key=f"{slide_id}_{j:04d}", slide_index=s, slide_id=slide_id, slide_seed=slide_seed,
                 seed=seed, label=lab, label_name=classes[lab], position=pos, shard=i // g.shard_samples,
@@ -385,4 +451,4 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
     return GenerationPlan(classes=classes, levels=levels, level_names=names, tile_px=tile_px, layout_tiles=layout,
                           seed=plan_seed, shard_samples=int(g.shard_samples), slides=slides, samples=samples,
                           label_source=source, label_weights=[float(w) for w in weights], mode=mode,
-                          slides_per_group=int(group))
+                          slides_per_group=int(group), window_overlap=overlap)

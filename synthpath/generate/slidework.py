@@ -8,7 +8,7 @@ the plan (and the weights) alone. A resumed group is synthesised whole again, ev
 of its slides were already written.
 
 In ``stacks`` mode synthesis is asked only for the tiles the slide's samples release
-(``targets``: per slide, level -> pixel boxes ``(x, y, w, h)``), when the synthesis module
+(``targets``: per slide, boxes ``(level, y0, x0, y1, x1)``), when the synthesis module
 supports it; synthesis adds the neighbour context their seams need. In ``slides`` mode the
 whole pyramid is made and released.
 """
@@ -68,10 +68,10 @@ def _to_filter_input(tiles: list[np.ndarray], device: torch.device) -> torch.Ten
     return x / 127.5 - 1.0
 
 
-def target_boxes(plan: GenerationPlan, slide: int) -> dict[int, list[tuple[int, int, int, int]]]:
-    """level -> pixel boxes ``(x, y, w, h)`` of the tiles a slide releases."""
-    px = plan.tile_px
-    return {k: [(c * px, r * px, px, px) for r, c in tiles] for k, tiles in plan.release_tiles(slide).items()}
+def target_boxes(plan: GenerationPlan, slide: int) -> list[tuple[int, int, int, int, int]]:
+    """The boxes ``(level, y0, x0, y1, x1)`` (half-open, level pixels) a slide releases:
+    synthesis's ``targets`` entry for the slide."""
+    return [(k, *b) for k, boxes in sorted(plan.release_tiles(slide).items()) for b in boxes]
 
 
 def generated_counts(pyr, plan: GenerationPlan) -> list[int]:
@@ -122,7 +122,7 @@ class GroupSynth:
             sp = plan.slides[s]
             labels.append(sp.label)
             seeds.append(sp.seed if attempts[s] == 0 else stable_seed("synthpath-retry", sp.seed, attempts[s]))
-        kw = {}
+        kw = {"overlap": plan.window_overlap} if plan.window_overlap else {}
         if plan.mode == "stacks" and self.targets_supported:
             kw["targets"] = [target_boxes(plan, s) for s in slides]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
