@@ -153,34 +153,52 @@ def test_two_workers_equal_one_and_a_killed_worker_loses_only_its_slide_in_fligh
     assert _release(recipe) == reference
 
 
-@pytest.mark.parametrize("sig,at", [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGINT, 3),
-                                    (signal.SIGKILL, N_SLIDES)])
-def test_generate_killed_then_resumed_is_byte_identical(tmp_path, reference, sig, at):
-    """Kill/interrupt a single worker after ``at`` slides are written (0: while loading and
-    making the first; N_SLIDES: while packing shards), then resume."""
+def test_generate_killed_at_several_points_then_resumed_is_byte_identical(tmp_path, reference):
+    """One run, stopped again and again and resumed each time: SIGKILL while loading and
+    making the first slide, SIGKILL after 2 slides, SIGINT (Ctrl-C) after 4, SIGKILL once
+    every slide is written (while packing the shards or renaming the stage); after each
+    stop nothing is marked finished, and the last resume gives the uninterrupted bytes."""
     recipe = _setup(tmp_path)
-    p = _start(recipe)
     out = recipe.parent / "out"
-    if at == N_SLIDES:  # all slides written: packing (or the stage rename) is in progress
-        _wait_for(lambda: len(_markers(recipe)) == N_SLIDES, p)
-    elif at:
-        _wait_for(lambda: len(_markers(recipe)) >= at, p)
-    else:
-        _wait_for(lambda: (out / "generate.partial" / "plan.json").is_file(), p)
-    p.send_signal(sig)
-    rc, log = _finish(p)
-    if rc == 0:  # finished before the signal landed (only possible at the last point)
-        assert at == N_SLIDES, log
-    else:
+    points = [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGINT, 4), (signal.SIGKILL, N_SLIDES)]
+    for sig, at in points:
+        if (out / "generate").exists():
+            break  # a previous run finished before its signal landed (possible only at the last point)
+        p = _start(recipe)
+        if at:
+            _wait_for(lambda: len(_markers(recipe)) >= at, p)
+        else:
+            _wait_for(lambda: (out / "generate.partial" / "plan.json").is_file(), p)
+        p.send_signal(sig)
+        rc, log = _finish(p)
+        if rc == 0:
+            assert at == N_SLIDES, log
+            continue
         assert rc in ((-9,) if sig == signal.SIGKILL else (130, 1, -2)), (rc, log)
         if sig == signal.SIGINT:
             assert "KeyboardInterrupt" in log or "interrupt" in log.lower(), log
-        # no stage marked finished early
-        assert not (out / "generate").exists()
-        assert not (out / "generate.partial" / "manifest.json").exists()
-        if at and at < N_SLIDES:
-            assert len(_markers(recipe)) < N_SLIDES
+        # no stage marked finished early; finished slides kept
+        assert not (out / "generate").exists() and not (out / "generate.partial" / "manifest.json").exists()
+        assert at == N_SLIDES or len(_markers(recipe)) < N_SLIDES
+        assert len(_markers(recipe)) >= at or (out / "generate.partial" / "shards" / "index.json").exists()
     rc, log = _finish(_start(recipe))
     assert rc == 0, log
     _check_clean(recipe)
     assert _release(recipe) == reference
+
+
+def test_torchrun_generate_equals_one_process(tmp_path, reference):
+    """``torchrun --nproc_per_node 2 -m synthpath generate``: gloo barriers, rank 0 prepares
+    the stage folder, both ranks generate, one finalises; the bytes equal one process's."""
+    recipe = _setup(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                        "-m", "synthpath", "generate", str(recipe)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (p.stdout + p.stderr).count("deferred") == 1
+    _check_clean(recipe)
+    assert _release(recipe) == reference
+    summary = json.loads((recipe.parent / "out" / "generate" / "manifest.json").read_text())["summary"]
+    assert summary["world"] == 2

@@ -75,29 +75,11 @@ class ShardsPending(_DeferBase):
 
 
 def rank_world(env: dict | None = None) -> tuple[int, int]:
-    """(rank, world size) from torchrun or Slurm array variables; (0, 1) by default."""
-    env = os.environ if env is None else env
+    """(rank, world size) from torchrun or Slurm array variables; (0, 1) by default
+    (see :func:`synthpath.distributed.rank_world`)."""
+    from ..distributed import rank_world as _rank_world
 
-    def geti(name: str) -> int:
-        try:
-            return int(env[name])
-        except ValueError:
-            raise StageError(f"environment variable {name}={env[name]!r} is not an integer") from None
-
-    if "WORLD_SIZE" in env or "RANK" in env:
-        rank, world = geti("RANK") if "RANK" in env else 0, geti("WORLD_SIZE") if "WORLD_SIZE" in env else 1
-        src = "RANK/WORLD_SIZE"
-    elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-        rank, world = geti("SLURM_ARRAY_TASK_ID"), geti("SLURM_ARRAY_TASK_COUNT")
-        # arrays may start at a non-zero index (e.g. --array=1-4)
-        if "SLURM_ARRAY_TASK_MIN" in env:
-            rank -= geti("SLURM_ARRAY_TASK_MIN")
-        src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
-    else:
-        return 0, 1
-    if world < 1 or not 0 <= rank < world:
-        raise StageError(f"bad worker rank/world from {src}: rank {rank}, world {world}")
-    return rank, world
+    return _rank_world(env)
 
 
 def resolve_device(name: str, env: dict | None = None) -> torch.device:
