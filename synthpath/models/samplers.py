@@ -16,7 +16,7 @@ other samples share the batch. The step loop has no host synchronisation (nothin
 device tensor back), so it can run ahead of a GPU and be captured by CUDA graphs.
 
 Known pixels (``cond.mask`` = 1): at every step the model's data prediction is replaced by
-the known pixels there before the update (RePaint's replacement, done in the data-prediction
+the known pixels there (weighted by ``replace_mask`` when given) before the update (RePaint's replacement, done in the data-prediction
 form so it needs no extra noise draws). The final step returns that prediction, so known
 pixels come out exactly and the region around them was denoised in agreement with them.
 """
@@ -111,10 +111,11 @@ def _grid(steps: int, t_start: float) -> list[float]:
     return [t_start * (1 - i / steps) for i in range(steps)]
 
 
-def _with_known(d: Tensor, cond: Cond) -> Tensor:
-    """The data prediction with the known pixels put in (a no-op where the mask is 0; no
-    host sync: always computed rather than testing ``mask.any()``)."""
-    m = cond.mask.to(d.dtype)
+def _with_known(d: Tensor, cond: Cond, replace_mask: Tensor | None = None) -> Tensor:
+    """The data prediction with the known pixels put in, weighted by ``replace_mask`` (default
+    ``cond.mask``; a soft mask that falls to 0 at the known region's inner edge feathers the
+    seam). A no-op where the weight is 0; no host sync (no ``mask.any()`` test)."""
+    m = (cond.mask if replace_mask is None else replace_mask).to(d.dtype)
     return torch.lerp(d, cond.known.to(d.dtype), m)
 
 
@@ -127,7 +128,7 @@ def _is_guided(cond: Cond, guidance: float) -> bool:
 @torch.no_grad()
 def sample_ddim(
     model: torch.nn.Module, x: Tensor, cond: Cond, *, steps: int, guidance: float = 1.0, t_start: float = 1.0,
-    grid: Sequence[float] | None = None,
+    grid: Sequence[float] | None = None, replace_mask: Tensor | None = None,
 ) -> Tensor:
     """Deterministic DDIM (eta = 0) from ``t_start`` on :func:`time_grid` (or an explicit
     ``grid`` of evaluation times); returns the final x0 prediction in [-1, 1]."""
@@ -141,7 +142,7 @@ def sample_ddim(
     for i in range(len(ts)):
         t_cur = tt[i].expand(b)
         d_raw = denoise(model, x, t_cur, cond, guidance, guided=guided)
-        d = _with_known(d_raw, cond)
+        d = _with_known(d_raw, cond, replace_mask)
         if i == len(ts) - 1:
             return d
         eps = (x - alphas[i] * d_raw) / sigmas[i]
@@ -152,7 +153,7 @@ def sample_ddim(
 @torch.no_grad()
 def sample_dpmpp_2m(
     model: torch.nn.Module, x: Tensor, cond: Cond, *, steps: int, guidance: float = 1.0, t_start: float = 1.0,
-    grid: Sequence[float] | None = None,
+    grid: Sequence[float] | None = None, replace_mask: Tensor | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) in the data-prediction form on the schedule's
     half-log-SNR ``lambda = log(alpha / sigma)``, on :func:`time_grid` (or an explicit
@@ -169,7 +170,7 @@ def sample_dpmpp_2m(
     hs = lams[1:] - lams[:-1]
     d_prev = None
     for i in range(len(ts)):
-        d = _with_known(denoise(model, x, tt[i].expand(b), cond, guidance, guided=guided), cond)
+        d = _with_known(denoise(model, x, tt[i].expand(b), cond, guidance, guided=guided), cond, replace_mask)
         if i == len(ts) - 1:
             return d
         h = hs[i]
