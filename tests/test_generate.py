@@ -268,6 +268,7 @@ def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     # stacks mode: the manifest says how many tiles were made per tile released (from every slide's marker)
     assert summary["mode"] == "stacks" and summary["tiles_released"] == sum(plan.n_release_windows())
     assert summary["tiles_generated"] >= summary["tiles_released"] > 0
+    assert summary["generated_per_released"] <= 1.5  # only the stacks' subtrees are made
     assert summary["generated_per_released"] == round(summary["tiles_generated"] / summary["tiles_released"], 4)
     # a clean run in another folder gives byte-identical shards (deterministic sampling + tars)
     recipe2, dirs2 = _run_dirs(tmp_path / "again", slides_per_group=1, shard_samples=3)
@@ -304,6 +305,8 @@ def test_slides_mode_releases_every_tile(tmp_path):
     summary = runner.run(_ctx(recipe, dirs))
     assert summary["mode"] == "slides" and summary["distinct_images_released_per_level"] == [2, 8]
     assert summary["n_samples"] == 8
+    # the whole slide is released, so every generated tile window is used
+    assert summary["tiles_generated"] == summary["tiles_released"] and summary["generated_per_released"] == 1.0
 
 
 def test_world_size_two_gives_same_bytes(tmp_path, monkeypatch):

@@ -46,8 +46,7 @@ from ..units import level_name
 
 PLAN_VERSION = 2
 
-#: parent-level pixels a tile's parent crop reads beyond its footprint (bicubic support)
-PARENT_MARGIN = 3
+from .tiling import PARENT_MARGIN  # parent-level pixels a tile's parent crop reads beyond its footprint
 
 
 def window_overlap(tile_px: int) -> int:
@@ -297,7 +296,7 @@ def window_grids(layout: tuple[int, int], levels: list[float], tile_px: int, ove
     """(ys, xs): the origins of synthesis's tile windows at each level (the same evenly
     spaced, overlapping windows :func:`synthpath.generate.synthesis.synthesize_slides` uses
     with this ``overlap``)."""
-    from .synthesis import tile_positions
+    from .tiling import tile_positions
 
     out = []
     for k in range(len(levels)):

@@ -199,10 +199,10 @@ def _load_model_and_filter(ctx: StageContext, device: torch.device):
     from ..audit.filter import ReleaseFilter
     from ..models.checkpoint import load_model
 
-    model = load_model(ctx.inputs["train"], device, ema=True)
-    model.eval()
-    if ctx.recipe.generate.compile:
-        model = torch.compile(model)
+    from ..models.prepare import prepare_model
+
+    model = prepare_model(load_model(ctx.inputs["train"], device, ema=True), device,
+                          compile=bool(ctx.recipe.generate.compile))
     flt = ReleaseFilter.load(ctx.inputs["audit"], device)
     return model, flt
 
