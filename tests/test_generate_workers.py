@@ -40,7 +40,7 @@ def _setup(root: Path, **gen) -> Path:
         "data": {"slides": [{"path": str(slide)}], "classes": ["a", "b"]},
         "ingest": {"tiling": {"levels": [1.0, 0.5], "tile_px": 16}},
         "sampler": {"name": "ddim", "steps": 2, "guidance_scale": 1.0},
-        "generate": {"n_slides": N_SLIDES, "layout_tiles": [1, 1], "samples_per_slide": 3, "shard_samples": 4,
+        "generate": {"n_slides": N_SLIDES, "layout_tiles": [1, 1], "mode": "slides", "shard_samples": 5,
                      "label_proportions": {"a": 0.5, "b": 0.5}, "batch_size": 4, "device": "cpu",
                      "slides_per_group": 1, "max_filter_retries": 1, **gen},
         "export": {"slides": True},
@@ -118,10 +118,10 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
     assert rc == 0, out
     _check_clean(recipe)
     files = _release(recipe)
-    assert sum(1 for n in files if n.startswith("shards/shard-") and n.endswith(".tar")) == 5  # 18 samples in shards of 4
+    assert sum(1 for n in files if n.startswith("shards/shard-") and n.endswith(".tar")) == 5  # 24 samples (4 stacks a slide) in shards of 5
     assert sum(1 for n in files if n.endswith(".tiff")) == N_SLIDES
     summary = json.loads((recipe.parent / "out" / "generate" / "manifest.json").read_text())["summary"]
-    assert summary["n_samples"] == 3 * N_SLIDES and summary["this_run"]["slides"] == N_SLIDES
+    assert summary["n_samples"] == 4 * N_SLIDES and summary["this_run"]["slides"] == N_SLIDES
     return files
 
 

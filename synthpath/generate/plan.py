@@ -388,6 +388,9 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
 
     factors = [grid_factor(levels, k + 1) // grid_factor(levels, k) for k in range(len(levels) - 1)]
     mode = str(getattr(g, "mode", "stacks"))
+    if mode != "slides" and recipe.export.slides:
+        raise StageError("export.slides (whole-slide TIFFs) needs generate.mode: slides; generate.mode: stacks makes "
+                         "only the tiles under the sampled stacks, so a slide image would be mostly empty")
     overlap = window_overlap(tile_px)
     if mode == "slides":
         n_stacks = _stacks_in_slide(layout, factors)
