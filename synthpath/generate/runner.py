@@ -276,6 +276,10 @@ def run(ctx: StageContext) -> dict:
                         p.unlink(missing_ok=True)
             finally:
                 shutil.rmtree(canvas_dir, ignore_errors=True)
+                try:
+                    canvas_dir.parent.rmdir()  # .canvas/, once no worker uses it
+                except OSError:
+                    pass
     seconds = time.time() - t0
 
     # a cheap poll (marker and size; this worker's own slides were hashed above); the
