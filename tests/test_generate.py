@@ -269,6 +269,7 @@ def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     assert summary["mode"] == "stacks" and summary["tiles_released"] == sum(plan.n_release_windows())
     assert summary["tiles_generated"] >= summary["tiles_released"] > 0
     assert summary["generated_per_released"] <= 1.5  # only the stacks' subtrees are made
+    assert 0 < summary["this_run"]["mean_batch_fill"] <= summary["this_run"]["batch_size"] == 8
     assert summary["generated_per_released"] == round(summary["tiles_generated"] / summary["tiles_released"], 4)
     # a clean run in another folder gives byte-identical shards (deterministic sampling + tars)
     recipe2, dirs2 = _run_dirs(tmp_path / "again", slides_per_group=1, shard_samples=3)

@@ -306,6 +306,8 @@ def run(ctx: StageContext) -> dict:
         return finalise(ctx.workdir, plan, markers, expect, audit_passed=passed, audit_overridden=overridden,
                         rank=rank, world=world, seconds=seconds, samples_made=n_samples, slides_made=n_slides,
                         tiles_made=synth.tiles_made if synth else 0, slide_markers=slide_markers,
+                        mean_batch_fill=synth.mean_batch_fill() if synth else None,
+                        batch_size=int(recipe.generate.batch_size),
                         filter_stats=getattr(synth.tile_filter, "stats", None) if synth else None)
     except BaseException:
         (ctx.workdir / ".finalised_by.json").unlink(missing_ok=True)  # let a re-run finalise
