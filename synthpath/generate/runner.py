@@ -46,7 +46,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..pipeline import ReleaseBlocked, StageContext, StageError
