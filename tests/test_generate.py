@@ -296,6 +296,35 @@ def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     assert len(meta["model_hash"]) == 16
 
 
+def test_resume_inside_a_group_remakes_the_whole_group(tmp_path):
+    """Slides of one group share model batches; a resume that finds one of them written
+    synthesises the group again whole (same batches), so the bytes equal a clean run."""
+    from synthpath.generate import runner
+
+    recipe, dirs = _run_dirs(tmp_path, slides_per_group=2, shard_samples=3, batch_size=3)
+    plan = make_plan(recipe)
+    assert plan.n_groups == 2 and plan.group_slides(0) == [0, 1]
+    seen = []
+
+    def crash(sample):
+        seen.append(sample.key)
+        if len(seen) == 2:  # syn00000 is written, syn00001 (same group) is not
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(_ctx(recipe, dirs, on_sample=crash))
+    work = recipe.output_dir / "generate.partial"
+    assert sorted(p.name for p in (work / "work").glob("*.done.json")) == ["syn00000.done.json"]
+    redone = []
+    summary = runner.run(_ctx(recipe, dirs, on_sample=lambda s: redone.append(s.key)))
+    assert redone == [s.key for s in plan.samples if s.slide_index in (1, 2)]  # written: only the missing slides
+    assert summary["this_run"]["tiles"] == summary["tiles_generated"]  # but group 0 was synthesised whole again
+    recipe2, dirs2 = _run_dirs(tmp_path / "clean", slides_per_group=2, shard_samples=3, batch_size=3)
+    runner.run(_ctx(recipe2, dirs2))
+    for p in sorted((work / "shards").glob("*.tar")):
+        assert p.read_bytes() == (recipe2.output_dir / "generate.partial" / "shards" / p.name).read_bytes(), p.name
+
+
 def test_slides_mode_releases_every_tile(tmp_path):
     from synthpath.generate import runner
 
