@@ -27,6 +27,7 @@ from typing import Callable
 
 from . import __version__
 from .atomic import write_json
+from .interrupt import Interrupted, critical
 from .recipe import Recipe
 
 log = logging.getLogger("synthpath")
@@ -180,7 +181,11 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         options=dict(options or {}),
     )
     t0 = time.time()
-    summary = stage.run(ctx) or {}
+    try:
+        summary = stage.run(ctx) or {}
+    except Interrupted as e:  # the CLI says where the partial work is and how to resume
+        e.stage, e.partial = name, work
+        raise
     manifest = {
         "stage": name,
         "fingerprint": fp,
@@ -194,18 +199,20 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         "seconds": round(time.time() - t0, 3),
         "summary": summary,
     }
-    fp_file.unlink(missing_ok=True)
-    write_json(work / MANIFEST, manifest)
-    # Swap into place: the old folder (if any) is moved aside first, then removed.
-    if final.exists():
-        trash = recipe.output_dir / f"{name}.old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(final, trash)
-        os.replace(work, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, final)
+    # A signal arriving now waits until the stage is finished and in place (interrupt.critical).
+    with critical():
+        write_json(work / MANIFEST, manifest)
+        fp_file.unlink(missing_ok=True)
+        # Swap into place: the old folder (if any) is moved aside first, then removed.
+        if final.exists():
+            trash = recipe.output_dir / f"{name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(work, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, final)
     return manifest
 
 

@@ -1,0 +1,477 @@
+"""Checks on a recipe that the pydantic schema alone does not make.
+
+- :func:`read_recipe_text` and :func:`load_yaml`: a recipe file is read as bounded UTF-8
+  text and parsed with a safe loader that rejects duplicate keys, YAML tags that build
+  Python objects, and alias "bombs" (anchors whose expansion exceeds :data:`MAX_NODES`).
+- :func:`raw_problems`: checks on the raw mapping before validation: booleans where a
+  number is expected (``train.steps: true`` would become 1), and unusable paths (empty,
+  NUL bytes, ``~user`` that does not exist, too long for the OS).
+- :func:`value_problems`: checks on the validated recipe: numeric ranges, seeds, devices,
+  classifier names, empty lists, tile sizes the UNet and the level nesting can use, and
+  contradictions between sections.
+
+Each check returns ``[(key path tuple, message)]``; :mod:`synthpath.recipe` turns them into
+one :class:`~synthpath.recipe.RecipeError` with YAML lines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+Problem = tuple[tuple, str]
+
+#: Largest recipe file read (bytes). Real recipes are a few KiB.
+MAX_BYTES = 1 << 20
+#: Most YAML nodes a recipe may expand to once aliases are followed.
+MAX_NODES = 100_000
+#: Largest absolute value of an integer setting (seeds have their own range).
+MAX_INT = 2**31 - 1
+#: Seeds must fit every RNG the pipeline seeds (NumPy's legacy seeding takes 32 bits).
+MAX_SEED = 2**32 - 1
+#: Largest absolute value of a float setting without its own limit.
+MAX_FLOAT = 1e9
+#: Per-key upper limits (inclusive) with the reason given in the error.
+FLOAT_LIMITS: dict[tuple[str, ...], tuple[float, str]] = {
+    ("privacy", "target_epsilon"): (100.0, "an epsilon above 100 protects nobody; set privacy.enabled: false instead"),
+    ("privacy", "max_grad_norm"): (1e4, "the per-sample clip must be a finite, moderate norm"),
+    ("train", "lr"): (10.0, "a learning rate above 10 diverges"),
+    ("evaluate", "lr"): (10.0, "a learning rate above 10 diverges"),
+    ("train", "weight_decay"): (10.0, "weight decay above 10 erases the weights"),
+    ("train", "grad_clip"): (1e6, "use a finite clip norm"),
+    ("sampler", "guidance_scale"): (100.0, "guidance above 100 only saturates colours"),
+}
+#: Most pixels a tile's side is downsampled by in each model size's UNet
+#: (2 ** (len(mults) - 1) in :data:`synthpath.models.registry.SIZES`; a test keeps them equal).
+UNET_DOWNSAMPLE = {"tiny": 8, "small": 16, "base": 32}
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
+#: Recipe keys that hold paths.
+PATH_KEYS = (("output_dir",), ("data", "slide_dir"), ("data", "labels_csv"), ("data", "geojson_dir"),
+             ("audit", "encoder_checkpoint"), ("evaluate", "feature_checkpoint"))
+
+
+# --------------------------------------------------------------------------- text and YAML
+class YamlProblem(ValueError):
+    """The text is not a recipe YAML; ``line`` is 1-based or None."""
+
+    def __init__(self, message: str, line: int | None = None, key: str = ""):
+        super().__init__(message)
+        self.line, self.key = line, key
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file as text; :class:`YamlProblem` for a file that is too large, binary or not UTF-8."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise YamlProblem(f"the recipe file is {size} bytes; a recipe is at most {MAX_BYTES} bytes")
+        data = path.read_bytes()
+    except OSError as e:
+        raise YamlProblem(f"cannot read the recipe file: {e.strerror or e}") from None
+    if b"\x00" in data:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise YamlProblem("the file is binary (it contains NUL bytes), not a YAML recipe", line)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise YamlProblem(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); "
+                          f"save it as UTF-8", line) from None
+
+
+def _mark_line(e: yaml.YAMLError) -> int | None:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return mark.line + 1 if mark is not None else None
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the tree once every alias is expanded (shared nodes counted each time)."""
+    memo: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        k = id(node)
+        if k in memo:
+            return memo[k]
+        if k in busy:
+            raise YamlProblem("a YAML alias refers to its own anchor (a recursive structure)", node.start_mark.line + 1)
+        busy.add(k)
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(a) + size(b) for a, b in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(c) for c in node.value)
+        else:
+            n = 1
+        busy.discard(k)
+        memo[k] = n = min(n, MAX_NODES + 1)
+        return n
+
+    return size(root)
+
+
+def _duplicate_keys(root: yaml.Node) -> list[tuple[str, int, str]]:
+    out: list[tuple[str, int, str]] = []
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else None
+                if name is not None and name != "<<":
+                    line = k.start_mark.line + 1
+                    if name in first:
+                        out.append((".".join(map(str, path + (name,))), line,
+                                    f"duplicate key {name!r} (first given at line {first[name]}); "
+                                    f"YAML would silently keep only the last one"))
+                    else:
+                        first[name] = line
+                walk(v, path + ((name if name is not None else "?"),))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, c in enumerate(node.value):
+                walk(c, path + (i,))
+
+    walk(root, ())
+    return out
+
+
+def load_yaml(text: str, *, what: str = "the recipe") -> tuple[Any, list[tuple[str, int, str]]]:
+    """Parse YAML safely: returns ``(data, duplicate-key problems)``; raises :class:`YamlProblem`
+    for a syntax error, a tag that would build a Python object, too deep nesting or an
+    alias expansion beyond :data:`MAX_NODES` nodes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        if _expanded_size(node) > MAX_NODES:
+            raise YamlProblem(f"{what} expands to more than {MAX_NODES} YAML nodes once its aliases (*name) "
+                              f"are followed; this looks like an alias bomb", node.start_mark.line + 1)
+        dups = _duplicate_keys(node)
+        return loader.construct_document(node), dups
+    except yaml.constructor.ConstructorError as e:
+        raise YamlProblem(f"{what} uses a YAML tag that is not allowed (only plain YAML values are): "
+                          f"{e.problem}", _mark_line(e)) from None
+    except yaml.YAMLError as e:
+        msg = " ".join(str(e).split())
+        raise YamlProblem(f"{what} is not valid YAML: {msg}", _mark_line(e)) from None
+    except RecursionError:
+        raise YamlProblem(f"{what} is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _parse_value(text: str) -> Any:
+    if not text.strip():
+        return ""
+    data, _ = load_yaml(text, what="the value")
+    return data
+
+
+def set_override(data: dict, item: str) -> None:
+    """Apply one ``a.b.c=value``; raises ``ValueError`` saying what is wrong."""
+    if "=" not in item:
+        raise ValueError("an override must look like key.path=value")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError("empty key")
+    try:
+        parsed = _parse_value(value)
+    except YamlProblem as e:
+        raise ValueError(str(e)) from None
+    node: Any = data
+    for depth, p in enumerate(parts):
+        here = ".".join(parts[:depth]) or "<root>"
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not p.lstrip("-").isdigit():
+                raise ValueError(f"{here} is a list: index it with a number (0 to {len(node) - 1}), not {p!r}")
+            i = int(p)
+            if not 0 <= i < len(node):
+                raise ValueError(f"{here} has {len(node)} item(s): index {i} is past its end "
+                                 f"(use 0 to {len(node) - 1}, or set the whole list: {here}=[...])")
+            if last:
+                node[i] = parsed
+            else:
+                node = node[i]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = parsed
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ValueError(f"cannot set {p!r} inside {here}: it is a single value ({node!r}), not a section")
+
+
+# --------------------------------------------------------------------------- raw mapping
+def _is_numeric_annotation(ann: Any) -> bool:
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(ann)
+        return bool not in args and any(_is_numeric_annotation(a) for a in args)
+    return ann in (int, float)
+
+
+def _bools(ann: Any, v: Any, loc: tuple) -> list[Problem]:
+    if isinstance(v, bool):
+        if _is_numeric_annotation(ann):
+            return [(loc, f"expected a number, got the boolean {str(v).lower()}")]
+        return []
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return bool_problems(ann, v, loc)
+    if origin in (typing.Union, types.UnionType):
+        return [p for a in args if a is not type(None) for p in _bools(a, v, loc)][:1]
+    if origin is list and isinstance(v, list) and args:
+        return [p for i, x in enumerate(v) for p in _bools(args[0], x, loc + (i,))]
+    if origin is tuple and isinstance(v, list) and args:
+        elems = [args[0]] * len(v) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
+        return [p for i, (a, x) in enumerate(zip(elems, v)) for p in _bools(a, x, loc + (i,))]
+    if origin is dict and isinstance(v, dict) and len(args) == 2:
+        return [p for k, x in v.items() for p in _bools(args[1], x, loc + (k,))]
+    return []
+
+
+def bool_problems(model: type[BaseModel], data: Any, loc: tuple = ()) -> list[Problem]:
+    """Booleans given where the schema wants a number (pydantic would read true as 1)."""
+    if not isinstance(data, dict):
+        return []
+    out: list[Problem] = []
+    for name, f in model.model_fields.items():
+        if name in data:
+            out += _bools(f.annotation, data[name], loc + (name,))
+    return out
+
+
+def path_problem(value: Any) -> str | None:
+    """Why a path string cannot be used, or None."""
+    if not isinstance(value, str):
+        return None
+    if value == "":
+        return "the path is empty"
+    if "\x00" in value:
+        return "the path contains a NUL byte"
+    if value.startswith("~"):
+        try:
+            expanded = os.path.expanduser(value)
+        except (RuntimeError, KeyError):
+            expanded = value
+        if expanded.startswith("~"):
+            user = value[1:].split("/", 1)[0]
+            return f"cannot expand {value.split('/', 1)[0]!r}: no user {user!r} with a home folder" if user \
+                else "cannot expand '~': no home folder is known"
+    name_max, path_max = 255, 4096
+    try:
+        name_max = os.pathconf("/", "PC_NAME_MAX")
+        path_max = os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if len(value.encode("utf-8", "surrogateescape")) >= path_max:
+        return f"the path is longer than the OS allows ({path_max} bytes)"
+    long = [p for p in value.split("/") if len(p.encode("utf-8", "surrogateescape")) > name_max]
+    if long:
+        return f"a path component is longer than the OS allows ({name_max} bytes): {long[0][:40]}..."
+    return None
+
+
+def raw_path_problems(data: dict) -> list[Problem]:
+    out: list[Problem] = []
+    for key in PATH_KEYS:
+        node: Any = data
+        for k in key[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key[-1] in node:
+            why = path_problem(node[key[-1]])
+            if why:
+                out.append((key, why))
+    d = data.get("data")
+    slides = d.get("slides") if isinstance(d, dict) else None
+    for i, s in enumerate(slides if isinstance(slides, list) else []):
+        if isinstance(s, dict):
+            for k in ("path", "geojson"):
+                why = path_problem(s.get(k)) if k in s else None
+                if why:
+                    out.append((("data", "slides", i, k), why))
+    return out
+
+
+def safe_exists(p: Path, kind: str = "any") -> bool:
+    """``p.exists()`` / ``is_file()`` / ``is_dir()`` that never raises (an unusable path is False)."""
+    try:
+        p = Path(p)
+        return p.is_file() if kind == "file" else p.is_dir() if kind == "dir" else p.exists()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+# --------------------------------------------------------------------------- validated recipe
+def _walk_numbers(obj: Any, loc: tuple):
+    if isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            yield from _walk_numbers(getattr(obj, name), loc + (name,))
+    elif isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            yield from _walk_numbers(x, loc + (i,))
+    elif isinstance(obj, dict):
+        for k, x in obj.items():
+            yield from _walk_numbers(x, loc + (k,))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield loc, obj
+
+
+def number_problems(recipe: BaseModel) -> list[Problem]:
+    out: list[Problem] = []
+    for loc, v in _walk_numbers(recipe, ()):
+        names = [p for p in loc if isinstance(p, str)]
+        if names and names[-1] in ("seed", "seeds"):
+            if not (isinstance(v, int) and 0 <= v <= MAX_SEED):
+                out.append((loc, f"a seed must be an integer from 0 to {MAX_SEED}, got {v}"))
+        elif isinstance(v, int):
+            if abs(v) > MAX_INT:
+                out.append((loc, f"{v} is out of range (at most {MAX_INT})"))
+        elif not math.isfinite(v):
+            out.append((loc, f"must be a finite number, got {v}"))
+        else:
+            limit, why = FLOAT_LIMITS.get(tuple(loc), (MAX_FLOAT, "out of range"))
+            if abs(v) > limit:
+                out.append((loc, f"{v:g} is too large (at most {limit:g}): {why}"))
+    return out
+
+
+def _devices(recipe: BaseModel) -> list[Problem]:
+    out = []
+    for sec in type(recipe).model_fields:
+        section = getattr(recipe, sec)
+        dev = getattr(section, "device", None) if isinstance(section, BaseModel) else None
+        if isinstance(dev, str) and not DEVICE_RE.match(dev):
+            out.append(((sec, "device"), f"unknown device {dev!r}; use auto, cpu, cuda or cuda:N (N = GPU index)"))
+    return out
+
+
+def classifier_problem(name: str) -> str | None:
+    """Why ``evaluate.classifier`` cannot be built, or None (smallcnn, or a torchvision/timm name)."""
+    if name == "smallcnn":
+        return None
+    known: list[str] = []
+    try:
+        from torchvision import models as tvm
+
+        known += list(tvm.list_models())
+    except Exception:  # torchvision missing or broken: timm may still know the name
+        pass
+    try:
+        import timm
+
+        known += list(timm.list_models())
+    except Exception:
+        pass
+    if name in known:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    return (f"unknown classifier {name!r}; use 'smallcnn' or a torchvision/timm architecture name "
+            f"(e.g. resnet18, efficientnet_b0){hint}")
+
+
+def _level_factors(levels: list[float]) -> list[int]:
+    return [int(round(a / b)) for a, b in zip(levels, levels[1:])]
+
+
+def value_problems(r: Any) -> list[Problem]:
+    """Every range, device, enum, emptiness and cross-section problem of a validated recipe."""
+    out = number_problems(r) + _devices(r)
+    a, g, ev, d = r.audit, r.generate, r.evaluate, r.data
+    if not a.feature_spaces:
+        out.append((("audit", "feature_spaces"), "an audit needs at least one feature space "
+                    "(pixel, learned, efficientnet, checkpoint); with none it could only pass"))
+    elif len(set(a.feature_spaces)) != len(a.feature_spaces):
+        out.append((("audit", "feature_spaces"), f"a feature space is listed twice: {a.feature_spaces}"))
+    if not a.mia_timesteps:
+        out.append((("audit", "mia_timesteps"), "the membership attack needs at least one timestep in (0, 1)"))
+    for i, t in enumerate(a.mia_timesteps):
+        if not 0 < t < 1:
+            out.append((("audit", "mia_timesteps", i), f"a timestep must lie strictly between 0 and 1, got {t}"))
+    for i, n in enumerate(g.layout_tiles):
+        if not 1 <= n <= 4096:
+            out.append((("generate", "layout_tiles", i), f"tiles per side must be from 1 to 4096, got {n}"))
+    if g.label_proportions is not None:
+        for k, w in g.label_proportions.items():
+            if w < 0:
+                out.append((("generate", "label_proportions", k), f"a proportion must be >= 0, got {w}"))
+        if g.label_proportions and not sum(max(0.0, w) for w in g.label_proportions.values()) > 0:
+            out.append((("generate", "label_proportions"), "the proportions are all zero; give at least one "
+                        "positive share (or leave the key out to use the training tiles' shares)"))
+    if not ev.seeds:
+        out.append((("evaluate", "seeds"), "give at least one seed (three or more for confidence intervals)"))
+    elif len(set(ev.seeds)) != len(ev.seeds):
+        out.append((("evaluate", "seeds"), f"a seed is listed twice: {ev.seeds}"))
+    if not ev.settings:
+        out.append((("evaluate", "settings"), "give at least one of tstr, trtr, mixed"))
+    if ev.enabled:
+        why = classifier_problem(ev.classifier)
+        if why:
+            out.append((("evaluate", "classifier"), why))
+        if not r.export.hf:
+            out.append((("evaluate", "enabled"), "evaluate reads the exported Hugging Face dataset, but export.hf "
+                        "is false; set export.hf: true or evaluate.enabled: false"))
+    # tile size: the UNet halves it len(mults)-1 times, and each level's tile splits into
+    # factor x factor children whose parent crops are tile_px / factor pixels.
+    tp, size = r.ingest.tiling.tile_px, r.model.size
+    factors = _level_factors(list(r.ingest.tiling.levels))
+    need = math.lcm(UNET_DOWNSAMPLE.get(size, 1), *factors) if factors else UNET_DOWNSAMPLE.get(size, 1)
+    if tp % need:
+        valid = [need * k for k in range(1, 4097 // need + 1) if 16 <= need * k <= 4096][:6]
+        out.append((("ingest", "tiling", "tile_px"),
+                    f"tile_px {tp} cannot be used: the {size!r} UNet halves a tile {int(math.log2(UNET_DOWNSAMPLE.get(size, 1)))} "
+                    f"times and each tile splits into {'/'.join(map(str, factors)) or 'no'} x same children, so it must "
+                    f"be a multiple of {need}; valid sizes include {', '.join(map(str, valid))}"))
+    n_stacks = g.layout_tiles[0] * g.layout_tiles[1] * math.prod(f * f for f in factors)
+    if n_stacks > 0 and g.samples_per_slide > n_stacks:
+        out.append((("generate", "samples_per_slide"),
+                    f"{g.samples_per_slide} samples per slide, but a {list(g.layout_tiles)} layout with levels "
+                    f"{list(r.ingest.tiling.levels)} holds only {n_stacks} distinct stacks; lower it or enlarge "
+                    f"generate.layout_tiles"))
+    ids: dict[str, int] = {}
+    for i, s in enumerate(d.slides):
+        sid = s.slide_id or Path(s.path).stem
+        if sid in ids:
+            out.append((("data", "slides", i, "slide_id"), f"slide id {sid!r} is already used by data.slides[{ids[sid]}]; "
+                        f"give each slide its own slide_id"))
+        else:
+            ids[sid] = i
+    return out
+
+
+def filesystem_extra(r: Any) -> list[Problem]:
+    """Path checks beyond existence: slides that are folders, an output_dir that is a file."""
+    out: list[Problem] = []
+    for i, s in enumerate(r.data.slides):
+        if safe_exists(s.path, "dir"):
+            out.append((("data", "slides", i, "path"), f"{s.path} is a folder, not a slide file; to read every slide "
+                        f"in a folder use data.slide_dir (with data.slide_glob)"))
+    p = Path(r.output_dir)
+    probe = p
+    while not safe_exists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if safe_exists(probe) and not safe_exists(probe, "dir"):
+        where = "is" if probe == p else f"lies inside {probe}, which is"
+        out.append((("output_dir",), f"{p} {where} an existing file, not a folder; choose another output_dir"))
+    return out
+
+
+__all__ = ["YamlProblem", "read_recipe_text", "load_yaml", "bool_problems", "raw_path_problems", "path_problem",
+           "safe_exists", "set_override", "value_problems", "filesystem_extra", "classifier_problem", "UNET_DOWNSAMPLE"]
