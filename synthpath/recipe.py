@@ -391,7 +391,7 @@ def _filesystem_problems(r: Recipe) -> list[tuple[tuple, str]]:
     d = r.data
     for i, s in enumerate(d.slides):
         if not checks.safe_exists(s.path):
-            out.append((("data", "slides", i, "path"), f"slide file does not exist: {s.path}"))
+            out.append((("data", "slides", i, "path"), checks.missing_file(s.path, "slide file")))
         if s.geojson is not None and not checks.safe_exists(s.geojson):
             out.append((("data", "slides", i, "geojson"), f"GeoJSON file does not exist: {s.geojson}"))
     if d.slide_dir is not None and not checks.safe_exists(d.slide_dir, "dir"):
@@ -446,7 +446,7 @@ def parse_recipe(data: dict, *, source: Path | str = "<recipe>", text: str | Non
                 msg = f"unknown key {loc[-1]!r} (misspelt? see the recipe reference in README.md)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            elif "input" in err:
+            elif "input" in err and err["type"] != "value_error":
                 msg = f"{msg} (got {_short(err['input'])})"
             add(loc, msg)
         raise RecipeError(source, problems) from None
@@ -466,6 +466,8 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, *, check_f
     path = Path(path)
     why = checks.path_problem(str(path))
     if why or not checks.safe_exists(path, "file"):
+        if not why and checks.safe_exists(path, "dir"):
+            why = f"{path} is a folder; give the recipe's YAML file"
         raise RecipeError(path, [("", None, why or f"recipe file not found: {path}")])
     try:
         text = checks.read_recipe_text(path)

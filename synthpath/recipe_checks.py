@@ -92,6 +92,21 @@ def _mark_line(e: yaml.YAMLError) -> int | None:
     return mark.line + 1 if mark is not None else None
 
 
+def _yaml_message(e: yaml.YAMLError) -> str:
+    """PyYAML's error without its ``in "<unicode string>"`` noise: what, where, and its context."""
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return " ".join(str(e).split())
+    pm, cm = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    msg = problem
+    if pm is not None:
+        msg += f" at line {pm.line + 1}, column {pm.column + 1}"
+    context = getattr(e, "context", None)
+    if context:
+        msg += f" ({context}" + (f" at line {cm.line + 1}, column {cm.column + 1})" if cm is not None else ")")
+    return msg
+
+
 def _expanded_size(root: yaml.Node) -> int:
     """Nodes in the tree once every alias is expanded (shared nodes counted each time)."""
     memo: dict[int, int] = {}
@@ -164,8 +179,7 @@ def load_yaml(text: str, *, what: str = "the recipe") -> tuple[Any, list[tuple[s
         raise YamlProblem(f"{what} uses a YAML tag that is not allowed (only plain YAML values are): "
                           f"{e.problem}", _mark_line(e)) from None
     except yaml.YAMLError as e:
-        msg = " ".join(str(e).split())
-        raise YamlProblem(f"{what} is not valid YAML: {msg}", _mark_line(e)) from None
+        raise YamlProblem(f"{what} is not valid YAML: {_yaml_message(e)}", _mark_line(e)) from None
     except RecursionError:
         raise YamlProblem(f"{what} is nested too deeply") from None
     finally:
@@ -307,6 +321,16 @@ def raw_path_problems(data: dict) -> list[Problem]:
     return out
 
 
+def missing_file(path: Path, what: str) -> str:
+    """The message for a recipe path that does not exist."""
+    text = str(path)
+    if text.startswith("pkg:/"):
+        pkg = text[len("pkg:/"):].lstrip("/").split("/", 1)[0]
+        return (f"{what} {text.replace('pkg:/', 'pkg://', 1)} names the Python package {pkg!r}, which is not "
+                f"installed (pkg:// paths point into an installed package)")
+    return f"{what} does not exist: {path}"
+
+
 def safe_exists(p: Path, kind: str = "any") -> bool:
     """``p.exists()`` / ``is_file()`` / ``is_dir()`` that never raises (an unusable path is False)."""
     try:
@@ -365,26 +389,32 @@ def classifier_problem(name: str) -> str | None:
     if name == "smallcnn":
         return None
     known: list[str] = []
+    libs = []
     try:
         from torchvision import models as tvm
 
         known += list(tvm.list_models())
+        libs.append("torchvision")
     except Exception:  # torchvision missing or broken: timm may still know the name
         pass
     try:
         import timm
 
         known += list(timm.list_models())
+        libs.append("timm")
     except Exception:
         pass
     if name in known:
         return None
+    if not libs:
+        return (f"unknown classifier {name!r}: the choices are 'smallcnn', or a torchvision/timm architecture "
+                f"name once torchvision or timm is installed (neither is installed here)")
     import difflib
 
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; close names: {', '.join(close)}" if close else ""
-    return (f"unknown classifier {name!r}; use 'smallcnn' or a torchvision/timm architecture name "
-            f"(e.g. resnet18, efficientnet_b0){hint}")
+    return (f"unknown classifier {name!r}: the choices are 'smallcnn' or a {'/'.join(libs)} architecture "
+            f"name (e.g. resnet18){hint}")
 
 
 def _level_factors(levels: list[float]) -> list[int]:
@@ -436,9 +466,10 @@ def value_problems(r: Any) -> list[Problem]:
     if tp % need:
         valid = [need * k for k in range(1, 4097 // need + 1) if 16 <= need * k <= 4096][:6]
         out.append((("ingest", "tiling", "tile_px"),
-                    f"tile_px {tp} cannot be used: the {size!r} UNet halves a tile {int(math.log2(UNET_DOWNSAMPLE.get(size, 1)))} "
-                    f"times and each tile splits into {'/'.join(map(str, factors)) or 'no'} x same children, so it must "
-                    f"be a multiple of {need}; valid sizes include {', '.join(map(str, valid))}"))
+                    f"tile_px {tp} cannot be used: the {size!r} UNet halves a tile "
+                    f"{int(math.log2(UNET_DOWNSAMPLE.get(size, 1)))} times and the levels zoom by "
+                    f"{', '.join(f'{f}x' for f in factors) or 'nothing'} (a tile's children each take 1/zoom of its "
+                    f"side), so it must be a multiple of {need}; valid sizes include {', '.join(map(str, valid))}"))
     n_stacks = g.layout_tiles[0] * g.layout_tiles[1] * math.prod(f * f for f in factors)
     if n_stacks > 0 and g.samples_per_slide > n_stacks:
         out.append((("generate", "samples_per_slide"),
