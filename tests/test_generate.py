@@ -84,8 +84,14 @@ def test_sample_seeds_depend_only_on_seed_and_index(tmp_path):
 
 
 def test_plan_errors_name_the_key(tmp_path):
+    from synthpath.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="generate.samples_per_slide"):  # caught when the recipe is read
+        small_recipe(tmp_path, samples_per_slide=65, layout_tiles=[1, 1])
+    r = small_recipe(tmp_path, layout_tiles=[1, 1])
+    r.generate.samples_per_slide = 65  # and again by the plan, for a recipe changed after validation
     with pytest.raises(StageError, match="samples_per_slide"):
-        make_plan(small_recipe(tmp_path, samples_per_slide=65, layout_tiles=[1, 1]))
+        make_plan(r)
     with pytest.raises(StageError, match="label_proportions"):
         make_plan(small_recipe(tmp_path, label_proportions=None))
 
