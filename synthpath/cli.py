@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -101,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, recipe, options)
     except (Interrupted, KeyboardInterrupt) as e:
         if not isinstance(e, Interrupted):
-            e = Interrupted(2)
-        where = f" during stage {e.stage!r}" if e.stage else ""
-        kept = f"; its work so far is kept in {e.partial}" if e.partial else ""
-        print(f"\nstopped by {e.name}{where}{kept}. No stage was marked finished that had not finished.\n"
+            e = Interrupted(signal.SIGINT)
+        where = f" during stage {e.stage!r}: it is not marked finished" if e.stage else ""
+        kept = f", and its work so far is kept in {e.partial}" if e.partial else ""
+        print(f"\nstopped by {e.name}{where}{kept}.\n"
               f"To resume, run the same command again: {command}\n"
               f"(train and generate carry on from their last checkpoint; ingest starts its slides again)",
               file=sys.stderr)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         what, path = disk
         print(f"error: cannot write {path or recipe.output_dir}: {what} ({type(e).__name__}: {e}).\n"
-              f"No stage was marked finished that had not finished. Free space or fix the folder's "
+              f"The running stage is not marked finished. Free space or fix the folder's "
               f"permissions (or choose another output_dir), then run the same command again to resume: {command}",
               file=sys.stderr)
         return 1

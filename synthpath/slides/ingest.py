@@ -306,6 +306,14 @@ def build_jobs(recipe: Recipe, workdir: Path) -> list[SlideJob]:
     return jobs
 
 
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group; only the parent acts on it
+    (it stops the workers), so the workers print no KeyboardInterrupt tracebacks."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_jobs(jobs: list[SlideJob], workers: int, strict: bool) -> list[SlideResult]:
     results: list[SlideResult | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc="ingest", unit="slide", disable=None)
@@ -327,14 +335,18 @@ def _run_jobs(jobs: list[SlideJob], workers: int, strict: bool) -> list[SlideRes
                 done(k, ingest_slide(job))
         else:
             ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                        initializer=_ignore_sigint) as pool:
                 futs = {pool.submit(ingest_slide, job): k for k, job in enumerate(jobs)}
                 try:
                     for fut in cf.as_completed(futs):
                         done(futs[fut], fut.result())
-                except BaseException:
+                except BaseException as e:
                     for f in futs:
                         f.cancel()
+                    if not isinstance(e, Exception):  # SIGINT/SIGTERM: stop the slides being read now;
+                        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                            proc.terminate()  # ingest restarts its slides, so nothing is lost
                     raise
     finally:
         bar.close()
