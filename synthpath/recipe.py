@@ -187,6 +187,10 @@ class AuditConfig(_Strict):
     max_mia_auc: float = Field(0.6, gt=0.5, le=1, description="Fail when the membership-inference ROC AUC exceeds this.")
     mia_timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     mia_max_tiles: int = Field(512, ge=2, description="Most members (and as many non-members) scored by the membership attack.")
+    mia_noise_draws: int = Field(2, ge=1, description="Noise draws per tile and timestep averaged by the membership attack.")
+    max_mia_tpr: float = Field(0.05, gt=0, le=1, description="Fail when the attack's TPR at 1% FPR is significantly above "
+                               "this (its bootstrap lower bound exceeds it).")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the audit's one-sided tests and intervals.")
     efficientnet_px: int = Field(224, ge=32, description="Side the 'efficientnet' space resizes tiles to (224 = its ImageNet size).")
     batch_size: int = Field(64, ge=1, description="Tiles per batch when embedding, sampling and scoring.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")

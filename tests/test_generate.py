@@ -4,6 +4,7 @@ sharded runner (interruption, world size 2, release gate) with a tiny real model
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from synthpath.generate.runner import rank_world
 from synthpath.generate.writers import encode_png, finished_marker, sample_members, write_shard, write_tar
 from synthpath.pipeline import StageError
 from synthpath.recipe import parse_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import bind_test_audit  # noqa: E402
 
 
 
@@ -220,6 +224,7 @@ def _run_dirs(tmp_path: Path, *, copy_all: bool = False, passed: bool = True, **
     big = 1e9 if copy_all else 0.0
     ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
                         {"pixel": {lv: {"d1": big, "cal": big} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
+    bind_test_audit(recipe, dirs)
     return recipe, dirs
 
 

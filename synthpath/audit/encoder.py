@@ -133,6 +133,22 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
 
 
 # --------------------------------------------------------------------------- training
+def warmup_cosine(steps: int, warmup_share: float = 0.1, floor: float = 0.04) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up over ``warmup_share`` of the steps (at
+    least one), then cosine decay to ``floor``. Defined for every ``steps >= 1`` (torch's
+    OneCycleLR divides by zero when a phase has no steps, e.g. at 10 steps)."""
+    warm = max(1, int(round(warmup_share * steps)))
+    decay = max(1, steps - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = min(1.0, (step - warm) / decay)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return factor
+
+
 def train_encoder(images: Tensor | np.ndarray, steps: int, *, seed: int = 0, batch_size: int = 64,
                   lr: float = 2e-3, device=None, width: int = 16, dim: int = 128,
                   log: Callable[[int, float], None] | None = None) -> tuple[AuditEncoder, list[float]]:
@@ -151,7 +167,7 @@ def train_encoder(images: Tensor | np.ndarray, steps: int, *, seed: int = 0, bat
     torch.manual_seed(seed)
     enc = AuditEncoder(width=width, dim=dim, input_px=min(64, side)).to(device)
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, x.shape[0])
     losses: list[float] = []
@@ -231,3 +247,41 @@ class LearnedSpace(FeatureSpace):
                  trained_on="training tiles only; never released", **{k: v for k, v in self.info.items()
                                                                        if k != "config"})
         return d
+
+
+# --------------------------------------------------------------------------- is it any good?
+#: a learned space must retrieve at least this share of altered held-out tiles
+MIN_RETRIEVAL = 0.5
+
+
+def retrieval_check(space: FeatureSpace, images: np.ndarray, *, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Can the space tell held-out tiles apart? Each tile (uint8 [N,H,W,3], tiles the encoder
+    never saw) is altered as a copy would be (:func:`augment`: crop/shift, flip, rotation,
+    colour jitter, blur) and looked up among the N originals; ``accuracy`` is the share whose
+    nearest original is its own source. The space is ``usable`` when the accuracy is at least
+    :data:`MIN_RETRIEVAL` and significantly above chance (1/N, one-sided exact binomial test
+    at ``alpha``). An undertrained encoder maps every tile to nearly the same point: its
+    nearest neighbours are noise, so it would call unrelated tiles copies."""
+    from .stats import binomial_excess
+
+    n = int(images.shape[0])
+    if n < 2:
+        return {"usable": False, "n": n, "accuracy": None, "reason": f"only {n} held-out tile(s) to test the encoder on"}
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    alt = augment(x, gen, max_shift=0.05, min_scale=0.85)
+    alt_u8 = ((alt + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    ref = space.embed(images).float()
+    q = space.embed(alt_u8).float()
+    nn_idx = torch.cdist(q, ref).argmin(dim=1)
+    hits = int((nn_idx == torch.arange(n)).sum())
+    test = binomial_excess(hits, n, 1.0 / n, alpha)
+    acc = hits / n
+    usable = acc >= MIN_RETRIEVAL and test["reject"]
+    out = {"usable": bool(usable), "n": n, "hits": hits, "accuracy": acc, "chance": 1.0 / n,
+           "min_accuracy": MIN_RETRIEVAL, "p_value": test["p_value"], "interval": test["interval"],
+           "test": "altered held-out tiles retrieved among the originals (top-1)"}
+    if not usable:
+        out["reason"] = (f"retrieves {hits} of {n} altered held-out tiles ({acc:.0%}; chance {1 / n:.1%}, "
+                         f"needs at least {MIN_RETRIEVAL:.0%} and significantly above chance)")
+    return out

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..pipeline import StageContext, StageError
 from ..generate.plan import holdout_slide_ids
-from ..generate.runner import release_allowed
+from ..audit.gate import require_release
 from ..generate.writers import sha256_file
 
 log = logging.getLogger("synthpath.export")
@@ -246,7 +246,7 @@ def run(ctx: StageContext) -> dict:
     from .card import write_card
 
     recipe = ctx.recipe
-    passed, overridden = release_allowed(ctx, ctx.inputs["audit"])
+    passed, overridden = require_release(ctx)
     if not recipe.export.hf:
         raise StageError("export.hf is false: nothing to export (the WebDataset shards are in generate/shards)")
     hf_dir = ctx.workdir / "hf"

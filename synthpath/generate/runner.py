@@ -43,7 +43,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..pipeline import ReleaseBlocked, StageContext, StageError
+from ..audit.gate import require_release
+from ..pipeline import StageContext, StageError
 from .plan import GenerationPlan, SamplePlan, grid_factor, make_plan, stable_seed
 from .writers import clear_partial, finished_marker, sample_members, shard_name, write_json_atomic, write_shard
 
@@ -132,37 +133,6 @@ def weights_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def audit_passed(audit_dir: Path) -> tuple[bool, dict]:
-    """Read ``audit/report.json``: (passed, report). A missing or unreadable report is an
-    error, never a pass."""
-    path = Path(audit_dir) / "report.json"
-    if not path.is_file():
-        raise StageError(f"the audit report {path} is missing; run `synthpath audit` first")
-    try:
-        rep = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StageError(f"the audit report {path} cannot be read: {e}") from None
-    if not isinstance(rep, dict) or not isinstance(rep.get("passed"), bool):
-        raise StageError(f"the audit report {path} has no boolean 'passed' key")
-    return rep["passed"], rep
-
-
-def release_allowed(ctx: StageContext, audit_dir: Path) -> tuple[bool, bool]:
-    """(audit passed, override used). Raises :class:`ReleaseBlocked` if the audit failed
-    and neither ``--allow-failed-audit`` nor ``export.allow_failed_audit`` is set."""
-    passed, rep = audit_passed(audit_dir)
-    override = bool(ctx.options.get("allow_failed_audit")) or bool(ctx.recipe.export.allow_failed_audit)
-    if not passed and not override:
-        failed = [k for k, v in (rep.get("checks") or {}).items() if isinstance(v, dict) and v.get("passed") is False]
-        raise ReleaseBlocked(
-            f"the audit in {audit_dir / 'report.json'} failed (checks: {', '.join(failed) or 'see report.md'}); "
-            f"nothing is released. Fix the model (more privacy, more data) or pass --allow-failed-audit "
-            f"(the dataset card then says so first)"
-        )
-    return passed, (not passed and override)
-
-
-# ----------------------------------------------------------------------------- synthesis
 def crop_stack(levels: list[np.ndarray], sample: SamplePlan, tile_px: int) -> list[np.ndarray]:
     """Cut a sample's tiles (coarsest first) out of a slide pyramid."""
     out = []
@@ -361,7 +331,7 @@ def run(ctx: StageContext) -> dict:
     """Stage entry: this worker's shards, then (if all are done) the stage summary."""
     recipe = ctx.recipe
     rank, world = rank_world(ctx.options.get("env"))
-    passed, overridden = release_allowed(ctx, ctx.inputs["audit"])
+    passed, overridden = require_release(ctx)
     plan = make_plan(recipe, ctx.inputs["ingest"], ctx.inputs.get("train"))
     shard_dir = ctx.workdir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
