@@ -124,14 +124,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, recipe, options) -> int:
     from .pipeline import ReleaseBlocked, StageDeferred, StageError, build, run_stage
+    from .distributed import build_ranked, generate_ranked, rank_world, under_torchrun
 
     try:
+        ranked = under_torchrun()
         if args.command == "build":
-            for m in build(recipe, force=tuple(args.force), until=args.until, options=options):
+            run_build = build_ranked if ranked else build
+            for m in run_build(recipe, force=tuple(args.force), until=args.until, options=options):
                 print(f"[{m['stage']}] done in {m.get('seconds', 0):.1f}s -> {recipe.output_dir / m['stage']}")
-            _print_outputs(recipe)
+            if not ranked or rank_world()[0] == 0:
+                _print_outputs(recipe)
+        elif ranked and args.command != "generate" and rank_world()[0] != 0:
+            print(f"rank {rank_world()[0]}: `{args.command}` is a single-process stage; rank 0 runs it")
         else:
-            m = run_stage(recipe, args.command, force=args.force, options=options)
+            if ranked and args.command == "generate":
+                m = generate_ranked(recipe, force=args.force, options=options)
+                if m is None:
+                    raise StageDeferred(f"rank {rank_world()[0]} did its share; another rank finalised the stage")
+            else:
+                m = run_stage(recipe, args.command, force=args.force, options=options)
             print(f"[{m['stage']}] -> {recipe.output_dir / m['stage']}")
             print(json.dumps(m.get("summary", {}), indent=2, default=str)[:4000])
     except StageDeferred as e:

@@ -201,7 +201,15 @@ class GenerateConfig(_Strict):
     n_slides: int = Field(8, ge=1)
     label_proportions: dict[str, float] | None = Field(None, description="Default: the training tiles' label shares.")
     layout_tiles: tuple[int, int] = Field((2, 2), description="Coarsest-level tiles per synthetic slide (rows, cols).")
-    samples_per_slide: int = Field(4, ge=1, description="Multi-magnification stacks cut from each slide.")
+    samples_per_slide: int = Field(4, ge=1, description="Multi-magnification stacks cut from each slide (mode 'stacks').")
+    mode: Literal["slides", "stacks"] = Field(
+        "stacks", description="What a synthetic slide is for. 'stacks': only the nested tiles under the sampled "
+                              "stacks are made and released; 'slides': every tile of every level is made and released "
+                              "(samples_per_slide is then every stack of the layout).")
+    slides_per_group: int | None = Field(
+        None, ge=1, le=64, description="Slides synthesised together (their tiles share model batches). The unit of "
+                                       "resume and of work split between ranks; default: enough slides to fill "
+                                       "batch_size with coarsest tiles, at most 8.")
     shard_samples: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
     device: str = "auto"

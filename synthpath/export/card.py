@@ -407,8 +407,11 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
         "task_categories": ["image-classification"],
         "tags": ["synthetic", "histopathology", "differential-privacy", "medical", "multi-magnification"],
         "size_categories": [_size_category(total)],
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": sp, "path": f"data/{sp}-*.parquet"} for sp in splits]}],
+        "configs": [{"config_name": "default", "default": True,
+                     "data_files": [{"split": sp, "path": f"data/{sp}-*.parquet"} for sp in splits]}]
+                   + [{"config_name": c["config"],
+                       "data_files": [{"split": sp, "path": f"{c['dir']}/{sp}-*.parquet"} for sp in c["splits"]]}
+                      for c in (export_info.get("tile_configs") or {}).values()],
         "dataset_info": {
             "features": _features_yaml(classes, level_names),
             "splits": [{"name": sp, "num_bytes": s["num_bytes"], "num_examples": s["num_examples"]}
@@ -453,6 +456,18 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
            "| `seed`, `slide_seed`, `attempt` | seeds that regenerate the sample |",
            "| `x_<level>`, `y_<level>`, `mpp_<level>` | tile position in that level's slide image, and its resolution |",
            "| `model_hash` | hash of the weights that drew it |", ""]
+    tcfg_info = export_info.get("tile_configs") or {}
+    if tcfg_info:
+        st += ["**How rows relate.** Stacks cut from one synthetic slide share their coarser tiles: stacks under "
+               "the same coarsest tile repeat its image, so the columns of a coarser level hold repeated images. "
+               "To train on one level, load that level's config, whose rows are *distinct* tiles "
+               "(`load_dataset(path, \"tiles_<level>\")`; `stack_keys` lists the stacks holding each tile):", "",
+               "| config | rows (distinct tiles) |", "|---|---|"]
+        for n, c in tcfg_info.items():
+            rows = ", ".join(f"{num(v['num_examples'], export_src, ['tile_configs', n, 'splits', sp, 'num_examples'])} "
+                             f"in `{sp}`" for sp, v in c["splits"].items())
+            st.append(f"| `{c['config']}` | {rows} |")
+        st.append("")
     st += ["| split | examples | synthetic slides |", "|---|---|---|"]
     for sp, s in splits.items():
         st.append(f"| `{sp}` | {num(s['num_examples'], export_src, ['splits', sp, 'num_examples'])} | "
