@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import signal
 import threading
@@ -39,10 +40,14 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-_state = {"depth": 0, "pending": None}
+_state = {"depth": 0, "pending": None, "pid": None}
 
 
 def _handler(signum, frame) -> None:
+    if os.getpid() != _state["pid"]:  # a forked worker (e.g. a DataLoader's): behave as by default
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
     if _state["depth"] > 0:
         _state["pending"] = _state["pending"] or signum
         return
@@ -57,6 +62,7 @@ def signals_stop() -> Iterator[None]:
         yield
         return
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _state["pid"] = os.getpid()
     for s in old:
         signal.signal(s, _handler)
     try:
