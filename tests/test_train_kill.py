@@ -154,3 +154,19 @@ def test_kills_and_interrupts_resume_to_the_uninterrupted_result(tmp_path, refer
     stray = [str(q.relative_to(final)) for q in final.rglob("*") if TEMP.search(q.name)]
     assert not stray, f"temp files in the finished stage: {stray}"
     assert not (final / "state").exists()  # the private state (DP generator states) is not in the release
+
+
+def test_remove_temp_files_takes_temps_only(tmp_path):
+    from synthpath.pipeline import remove_temp_files
+
+    keep = ["ledger.json", "losses.csv", "samples/step_00040.png", "tmp/slide-00000.parquet", "model.safetensors",
+            "notes.tmpl"]
+    temps = ["ledger.json.tmp4242", "losses.csv.tmp", "samples/step_00080.png.tmp.png", "loss.tmp.png",
+             ".train-00000.parquet.tmp77", "state/step_0000040.tmp/tensors.safetensors", "config.json.tmp"]
+    for name in keep + temps:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    remove_temp_files(tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted(keep)
+    assert not (tmp_path / "state" / "step_0000040.tmp").exists()
