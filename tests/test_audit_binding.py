@@ -40,6 +40,9 @@ def _write_recipe(out: Path) -> Path:
     return path
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bound")
@@ -115,6 +118,7 @@ def test_retrain_after_passing_audit(run, capsys):
 def test_failed_reaudit_with_stricter_limits_invalidates_the_passing_one(run, capsys):
     out = run.parent / "run"
     assert main(["audit", str(run), "--set", "audit.max_closer_to_train=0.01"]) == BLOCKED
+    assert "closer_to_train" in capsys.readouterr().err
     assert (out / "audit_failed" / "report.json").is_file()
     # the old passing audit/ is still on disk, and matches the original recipe: still refused
     assert json.loads((out / "audit" / "report.json").read_text())["passed"] is True

@@ -125,6 +125,7 @@ def release(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_no_real_tile_in_any_released_image(release):
     store = TileStore(release / "ingest")
     ids = store.index.column("tile_id").to_pylist()

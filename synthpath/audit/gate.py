@@ -133,12 +133,12 @@ def check_audit(recipe, audit_dir: Path, train_dir: Path, ingest_dir: Path, opti
     audit_dir = Path(audit_dir)
     out = recipe.output_dir
     rerun = "Re-run `synthpath audit` (or `synthpath build`, which re-audits); nothing unaudited is released."
-    if (out / "audit.partial").exists():
-        raise ReleaseBlocked(f"an audit was started in {out / 'audit.partial'} and did not finish (it crashed, was "
-                             f"interrupted or failed), so the earlier audit in {audit_dir} no longer counts. {rerun}")
     if (out / FAILED_DIR).exists():
         raise ReleaseBlocked(f"the latest audit failed (its report is in {out / FAILED_DIR}/report.md), so the earlier "
                              f"audit in {audit_dir} no longer counts. {rerun}")
+    if (out / "audit.partial").exists():
+        raise ReleaseBlocked(f"an audit was started in {out / 'audit.partial'} and did not finish (it crashed or was "
+                             f"interrupted), so the earlier audit in {audit_dir} no longer counts. {rerun}")
     if read_manifest(audit_dir) is None:
         raise ReleaseBlocked(f"{audit_dir} is not a finished audit (no {MANIFEST}). {rerun}")
     report = _read_json(audit_dir / "report.json", "the audit report")
