@@ -70,6 +70,9 @@ class Stage:
     inputs: tuple[str, ...]  # upstream stages whose artifacts it reads
     run: Callable[[StageContext], dict]
     help: str = ""
+    # called even when the stage's output is up to date: returns True to re-run it anyway,
+    # or raises to refuse (the release gate of generate and export, a failed audit)
+    precheck: Callable[[Recipe, dict], bool] | None = None
 
 
 ORDER = ("ingest", "train", "audit", "generate", "export", "evaluate")
@@ -170,6 +173,8 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
     final = stage_dir(recipe, name)
     fp, input_hashes = fingerprint(recipe, stage)
     existing = read_manifest(final)
+    if existing is not None and existing.get("fingerprint") == fp and not force and stage.precheck is not None:
+        force = bool(stage.precheck(recipe, dict(options or {})))
     if existing is not None and existing.get("fingerprint") == fp and not force:
         log.info("stage %s is up to date (%s); skipping", name, final)
         return existing

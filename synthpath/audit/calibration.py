@@ -20,6 +20,7 @@ from synthpath.pipeline import StageError
 
 from .filter import FILTER_DIR, ReleaseFilter
 from .neighbours import calibrated_l2, knn_views, quantile
+from .stats import binomial_excess
 
 log = logging.getLogger("synthpath.audit")
 
@@ -191,6 +192,30 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
                 notes.append(f"{s} L{k}: no holdout tiles; borrowed the strictest threshold of the other levels")
         thresholds[s] = per
 
+    # a learned space that calls pure noise a copy of a training tile cannot be trusted
+    for s in [x for x in names if x == "learned"]:
+        probe = noise_probe(spaces[s], train_features, thresholds[s], n, px, n_levels, dev, seed)
+        hf = [((cat(ho_d1[(s, k)]) <= thresholds[s][k]["d1"]) & (cat(ho_cal[(s, k)]) <= thresholds[s][k]["cal"]))
+              for k in range(n_levels) if cat(ho_d1[(s, k)]).numel()]
+        real_rate = float(torch.cat(hf).float().mean()) if hf else q
+        probe.update(binomial_excess(probe["flagged"], probe["n"], max(real_rate, q), float(cfg.alpha)))
+        probe["holdout_flag_rate"] = real_rate
+        enc_info["noise_probe"] = probe
+        if probe["reject"]:
+            enc_info["disabled"] = (f"the learned space was not used: it called {probe['flagged']} of {probe['n']} "
+                                    f"pure-noise tiles copies of training tiles, significantly more often than real "
+                                    f"unseen tiles ({real_rate:.3f}; p = {probe['p_value']:.2g}): an undertrained "
+                                    "encoder; raise audit.encoder_steps")
+            log.warning("audit: %s", enc_info["disabled"])
+            names.remove(s)
+            for d in (spaces, thresholds):
+                d.pop(s)
+            for key in [key for key in train_features if key[0] == s]:
+                train_features.pop(key)
+    if not names:
+        raise StageError(f"no usable audit feature space is left: {enc_info.get('disabled')}; or add 'pixel' to "
+                         "audit.feature_spaces")
+
     # 4. release filter
     flt = ReleaseFilter.build(work, spaces, train_features, thresholds, n=n, levels=levels, device=dev,
                               meta={"holdout_quantile": q, "seed": seed,
@@ -200,6 +225,39 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
                        holdout_base=ho_base, holdout_d1=ho_d1, holdout_cal=ho_cal, thresholds=thresholds, filter=flt,
                        notes=notes, encoder_info=enc_info)
 
+
+
+def noise_tiles(n: int, px: int, seed: int) -> np.ndarray:
+    """Pure noise tiles (uint8 [n, px, px, 3]): per-pixel colour noise and smooth blobs at
+    a few scales, around H&E-like and random mean colours, as an untrained model draws."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, px, px, 3), dtype=np.uint8)
+    for i in range(n):
+        cell = int(rng.choice([1, 2, 4, 8]))
+        side = max(1, px // cell)
+        base = rng.normal(0, 1, size=(side, side, 3))
+        base = np.kron(base, np.ones((cell, cell, 1)))[:px, :px]
+        if base.shape[0] < px:
+            base = np.pad(base, ((0, px - base.shape[0]), (0, px - base.shape[1]), (0, 0)), mode="edge")
+        mean = rng.uniform(60, 230, size=3) if i % 2 else np.array([200.0, 150.0, 190.0])
+        out[i] = np.clip(mean + base * rng.uniform(10, 70), 0, 255).astype(np.uint8)
+    return out
+
+
+def noise_probe(space: FeatureSpace, train_features: dict, thresholds: dict, n: int, px: int, n_levels: int,
+                device, seed: int, n_probe: int = 64) -> dict:
+    """How many pure-noise tiles the copy rule of ``space`` flags as copies, over all levels."""
+    imgs = noise_tiles(n_probe, px, seed)
+    _, views = _embed_pair(space, imgs)
+    flagged = 0
+    for k in range(n_levels):
+        bank = train_features[(space.name, k)] if (space.name, k) in train_features else None
+        if bank is None or not bank.shape[0]:
+            continue
+        nb = knn_views(views, bank, n, device=device)
+        th = thresholds[k]
+        flagged += int(((nb.dist[:, 0] <= th["d1"]) & (calibrated_l2(nb, n) <= th["cal"])).sum())
+    return {"flagged": flagged, "n": n_probe * n_levels}
 
 
 def holdout_false_positive_rate(cal: Calibration) -> dict:

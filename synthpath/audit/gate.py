@@ -133,12 +133,12 @@ def check_audit(recipe, audit_dir: Path, train_dir: Path, ingest_dir: Path, opti
     audit_dir = Path(audit_dir)
     out = recipe.output_dir
     rerun = "Re-run `synthpath audit` (or `synthpath build`, which re-audits); nothing unaudited is released."
-    if (out / "audit.partial").exists():
-        raise ReleaseBlocked(f"an audit was started in {out / 'audit.partial'} and did not finish (it crashed, was "
-                             f"interrupted or failed), so the earlier audit in {audit_dir} no longer counts. {rerun}")
     if (out / FAILED_DIR).exists():
         raise ReleaseBlocked(f"the latest audit failed (its report is in {out / FAILED_DIR}/report.md), so the earlier "
                              f"audit in {audit_dir} no longer counts. {rerun}")
+    if (out / "audit.partial").exists():
+        raise ReleaseBlocked(f"an audit was started in {out / 'audit.partial'} and did not finish (it crashed or was "
+                             f"interrupted), so the earlier audit in {audit_dir} no longer counts. {rerun}")
     if read_manifest(audit_dir) is None:
         raise ReleaseBlocked(f"{audit_dir} is not a finished audit (no {MANIFEST}). {rerun}")
     report = _read_json(audit_dir / "report.json", "the audit report")
@@ -178,10 +178,28 @@ def require_release(ctx) -> tuple[bool, bool]:
     if ctx.name == "generate":
         write_json(Path(ctx.workdir) / GENERATE_BINDING, {"audit_digest": res["digest"], "binding": res["binding"]})
     elif "generate" in inputs:
-        gen = Path(inputs["generate"]) / GENERATE_BINDING
-        doc = _read_json(gen, "the generate stage's audit binding") if gen.is_file() else None
-        if doc is None or doc.get("audit_digest") != res["digest"]:
-            raise ReleaseBlocked(f"the shards in {inputs['generate']} were not made under the current audit "
-                                 f"({inputs['audit'] / 'report.json'}); re-run `synthpath generate` "
-                                 "(or `synthpath build`)")
+        check_generate(Path(inputs["generate"]), res["digest"])
     return res["passed"], res["overridden"]
+
+
+def check_generate(generate_dir: Path, audit_digest: str) -> None:
+    """Refuse shards that were not made under the audit whose report has ``audit_digest``."""
+    gen = Path(generate_dir) / GENERATE_BINDING
+    doc = _read_json(gen, "the generate stage's audit binding") if gen.is_file() else None
+    if doc is None or doc.get("audit_digest") != audit_digest:
+        raise ReleaseBlocked(f"the shards in {generate_dir} were not made under the current audit; re-run "
+                             "`synthpath generate` (or `synthpath build`)")
+
+
+def precheck(recipe, stage: str, options: dict) -> bool:
+    """The pipeline's check before it skips an up-to-date stage. ``audit``: re-run it when
+    a later audit crashed or failed (its ``audit.partial/`` or ``audit_failed/`` is there).
+    ``generate`` / ``export``: the release gate, so an output made under an audit that no
+    longer holds is never reported as done."""
+    out = recipe.output_dir
+    if stage == "audit":
+        return (out / "audit.partial").exists() or (out / FAILED_DIR).exists()
+    res = check_audit(recipe, out / "audit", out / "train", out / "ingest", options)
+    if stage == "export":
+        check_generate(out / "generate", res["digest"])
+    return False

@@ -220,8 +220,9 @@ def _audit_section(num: Numbers, report: dict, src: str) -> str:
         lines.append("")
     mia = report.get("mia")
     if isinstance(mia, dict):
-        lines.append("Membership inference (a loss-based attack: can the model tell its training patients' tiles "
-                     "from held-out patients' tiles?):")
+        lines.append("Membership inference (a loss-based attack, each tile's loss calibrated against similar "
+                     "held-out tiles: can the model tell its training patients' tiles from held-out patients' "
+                     "tiles?). Intervals are 95% percentile bootstrap intervals:")
         lines.append("")
         ivs = mia.get("intervals") if isinstance(mia.get("intervals"), dict) else {}
 
