@@ -25,7 +25,10 @@ Every tile passes the audit's release filter: it is given to synthesis as
 ``tile_filter`` (flagged tiles are resampled there), and each stack is checked again
 before it is written; a slide whose stack is still flagged is re-synthesised with a
 derived seed (``attempt`` in the sample's JSON), at most ``generate.max_filter_retries``
-times.
+times. With ``export.slides`` the whole finished canvas of every level is checked too
+(:func:`synthpath.audit.verify.verify_canvas`, windows at a stride no larger than the
+filter's shift tolerance), since the TIFF releases every pixel of it: a slide with a flagged
+window is re-synthesised the same way, and one still flagged is an error (no TIFF).
 """
 
 from __future__ import annotations
@@ -250,6 +253,14 @@ class SlideSynth:
             with torch.no_grad():
                 flags = self.tile_filter(_to_filter_input([st[k] for st in stacks], self.device), k)
             if bool(torch.as_tensor(flags).any()):
+                return True
+        if self.recipe.export.slides:  # the TIFF holds the whole canvas: every window of every level must pass
+            from ..audit.verify import verify_canvas
+
+            check = verify_canvas(self.tile_filter, levels, self.plan.tile_px, device=self.device, stop_at_first=True)
+            if not check.passed:
+                log.warning("slide %s: finished canvas window (level, y, x) %s is flagged; re-synthesising",
+                            self.plan.slides[s].slide_id, check.flagged[0])
                 return True
         return False
 
