@@ -193,7 +193,8 @@ class PixelSpace(FeatureSpace):
     parts = 4
 
     def __init__(self, tile_px: int, *, grid: int = 8, blur_sigma: float | None = None, min_std: float = 0.03,
-                 substeps: int = 2, dihedral_views: bool = True, device=None, batch_size: int = 256):
+                 substeps: int = 2, scales: tuple[float, ...] = (1.0,), dihedral_views: bool = True, device=None,
+                 batch_size: int = 256):
         super().__init__(device, batch_size)
         if tile_px < 8:
             raise FeatureSpaceError(f"pixel space needs tiles of at least 8 px, got {tile_px}")
@@ -210,6 +211,9 @@ class PixelSpace(FeatureSpace):
         self.blur_sigma = float(self.cell / 2.0 if blur_sigma is None else blur_sigma)
         self._kernel = _gaussian_kernel(self.blur_sigma) if self.blur_sigma > 0 else None
         self.min_std = float(min_std)
+        self.scales = tuple(float(v) for v in scales)
+        if not self.scales or any(not 0.5 <= v <= 2.0 for v in self.scales):
+            raise FeatureSpaceError(f"pixel space scales must be in 0.5..2, got {scales}")
         self.dihedral_views = bool(dihedral_views)
         self.transforms = _DIHEDRAL if self.dihedral_views else _DIHEDRAL[:1]
         self.l2 = False  # each part is L2-normalised on its own in _embed
@@ -227,9 +231,14 @@ class PixelSpace(FeatureSpace):
         """Window positions per axis."""
         return self.grid * self.substeps + 1
 
+    def _positions_at(self, scale: float) -> int:
+        side = max(self.span, int(round(self.tile_px * scale)) - 2 * self.margin)
+        fine = (side - self.cell) // self.step + 1
+        return fine - (self.grid - 1) * self.substeps
+
     @property
     def n_views(self) -> int:
-        return len(self.transforms) * self.positions ** 2
+        return len(self.transforms) * sum(self._positions_at(s) ** 2 for s in self.scales)
 
     @property
     def shift_tolerance_px(self) -> int:
@@ -251,13 +260,18 @@ class PixelSpace(FeatureSpace):
         if x.shape[-1] != self.tile_px or x.shape[-2] != self.tile_px:
             raise FeatureSpaceError(f"pixel space was built for {self.tile_px} px tiles, got {tuple(x.shape[-2:])}")
 
-    def _map(self, x: Tensor) -> Tensor:
-        """[N, 3, M, M]: the blurred tile pooled over ``cell``-px cells every ``step`` px
-        (M = (2g - 1)·substeps + 1; cells ``substeps`` apart tile the pooled span)."""
+    def _map(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """[N, 3, M, M]: the blurred tile (resized by ``scale`` first) pooled over ``cell``-px
+        cells every ``step`` px (at scale 1, M = (2g - 1)·substeps + 1; cells ``substeps``
+        apart tile the pooled span)."""
         self._check(x)
-        x = self._blur(x.float())
+        x = x.float()
+        if scale != 1.0:
+            side = max(self.span + 2 * self.margin, int(round(self.tile_px * scale)))
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        x = self._blur(x)
         m = self.margin
-        x = x[:, :, m:m + self.span, m:m + self.span]
+        x = x[:, :, m:x.shape[-2] - m, m:x.shape[-1] - m]
         return F.avg_pool2d(x, self.cell, stride=self.step) if self.cell > 1 else x
 
     def _windows(self, m: Tensor, at: list[int] | None = None) -> Tensor:
@@ -299,8 +313,11 @@ class PixelSpace(FeatureSpace):
         self._check(x)
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            m = self._map(x[i:i + self.batch_size].to(self.device))
-            views = [self._windows(dihedral(m, flip, rot)) for flip, rot in self.transforms]
+            xb = x[i:i + self.batch_size].to(self.device)
+            views = []
+            for sc in self.scales:
+                m = self._map(xb, sc)
+                views += [self._windows(dihedral(m, flip, rot)) for flip, rot in self.transforms]
             out.append(self._normalise(torch.cat(views, dim=1), -1.0).float().cpu())
         if not out:
             return torch.zeros(0, self.n_views, self.view_dim)
@@ -309,7 +326,7 @@ class PixelSpace(FeatureSpace):
     def describe(self) -> dict:
         d = super().describe()
         d.update(tile_px=self.tile_px, grid=self.grid, cell_px=self.cell, window_step_px=self.step, blur_sigma=round(self.blur_sigma, 4),
-                 min_std=self.min_std, parts=self.parts, view_dim=self.view_dim, n_views=self.n_views,
+                 min_std=self.min_std, scales=list(self.scales), parts=self.parts, view_dim=self.view_dim, n_views=self.n_views,
                  l2_normalised="per part / per view", shift_tolerance_px=self.shift_tolerance_px,
                  invariance="8 dihedral transforms (query views), shifts up to half a tile (quadrant parts x "
                             "window grid), per-channel gain/offset (standardisation), blur/JPEG (blur + pooling)")

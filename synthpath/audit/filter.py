@@ -47,7 +47,7 @@ def space_spec(space: FeatureSpace) -> dict:
     """What :func:`build_space` needs to rebuild ``space`` in another process."""
     if isinstance(space, PixelSpace):
         return {"name": "pixel", "tile_px": space.tile_px, "grid": space.grid, "blur_sigma": space.blur_sigma,
-                "min_std": space.min_std, "substeps": space.substeps, "dihedral_views": space.dihedral_views}
+                "min_std": space.min_std, "substeps": space.substeps, "scales": list(space.scales), "dihedral_views": space.dihedral_views}
     if isinstance(space, EfficientNetSpace):
         return {"name": "efficientnet", "image_px": space.image_px, "l2": space.l2}
     if isinstance(space, CheckpointSpace):
