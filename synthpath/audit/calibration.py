@@ -18,7 +18,7 @@ import torch
 from synthpath.features import EfficientNetSpace, FeatureSpace, FeatureSpaceError, PixelSpace, resolve_device
 from synthpath.pipeline import StageError
 
-from .filter import FILTER_DIR, ReleaseFilter
+from .filter import FILTER_DIR, ReleaseFilter, bank_index
 from .neighbours import calibrated_l2, knn_views, quantile
 from .stats import binomial_excess
 
@@ -147,6 +147,8 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
             for s in names:
                 tr_feats[(s, int(k))].append(spaces[s].embed(imgs[sel]))
     train_features = {key: (torch.cat(v) if v else torch.zeros(0, spaces[key[0]].dim)) for key, v in tr_feats.items()}
+    # the banks go to the device once; the holdout search and the release filter reuse them
+    indexes = {key: bank_index(f, dev) for key, f in train_features.items()}
 
     # 3. holdout: nearest training tiles (calibration) and reference features
     ho_base: dict[tuple[str, int], list[torch.Tensor]] = {(s, k): [] for s in names for k in range(n_levels)}
@@ -162,7 +164,7 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
                 base, views = _embed_pair(spaces[s], imgs[sel])
                 ho_base[(s, k)].append(base)
                 if train_features[(s, k)].shape[0]:
-                    nb = knn_views(views, train_features[(s, k)], n, device=dev)
+                    nb = knn_views(views, indexes[(s, k)], n, device=dev)
                     ho_d1[(s, k)].append(nb.dist[:, 0])
                     ho_cal[(s, k)].append(calibrated_l2(nb, n))
     cat = _cat
@@ -219,7 +221,8 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
     # 4. release filter
     flt = ReleaseFilter.build(work, spaces, train_features, thresholds, n=n, levels=levels, device=dev,
                               meta={"holdout_quantile": q, "seed": seed,
-                                    **({"binding": binding} if binding is not None else {})})
+                                    **({"binding": binding} if binding is not None else {})},
+                              indexes={key: indexes[key] for key in train_features})
 
     return Calibration(spaces=spaces, names=names, train_features=train_features, train_ids=tr_ids,
                        holdout_base=ho_base, holdout_d1=ho_d1, holdout_cal=ho_cal, thresholds=thresholds, filter=flt,
