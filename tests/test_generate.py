@@ -279,6 +279,8 @@ def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     # stacks mode: the manifest says how many tiles were made per tile released (from every slide's marker)
     assert summary["mode"] == "stacks" and summary["tiles_released"] == sum(plan.n_release_windows())
     assert summary["tiles_generated"] >= summary["tiles_released"] > 0
+    assert summary["generated_per_released"] <= 1.5  # only the stacks' subtrees are made
+    assert 0 < summary["this_run"]["mean_batch_fill"] <= summary["this_run"]["batch_size"] == 8
     assert summary["generated_per_released"] == round(summary["tiles_generated"] / summary["tiles_released"], 4)
     # a clean run in another folder gives byte-identical shards (deterministic sampling + tars)
     recipe2, dirs2 = _run_dirs(tmp_path / "again", slides_per_group=1, shard_samples=3)
@@ -315,12 +317,19 @@ def test_slides_mode_releases_every_tile(tmp_path):
     summary = runner.run(_ctx(recipe, dirs))
     assert summary["mode"] == "slides" and summary["distinct_images_released_per_level"] == [2, 8]
     assert summary["n_samples"] == 8
+    recipe.export.slides = False
+    with pytest.raises(StageError, match="generate.mode: slides"):  # a TIFF of a stacks-mode slide would be empty
+        recipe.export.slides, recipe.generate.mode = True, "stacks"
+        make_plan(recipe)
+    # the whole slide is released, so every generated tile window is used
+    assert summary["tiles_generated"] == summary["tiles_released"] and summary["generated_per_released"] == 1.0
 
 
 def test_world_size_two_gives_same_bytes(tmp_path, monkeypatch):
     from synthpath.generate import runner
 
-    recipe, dirs = _run_dirs(tmp_path, slides_per_group=1, shard_samples=3)
+    # whole slides (TIFFs need mode slides): 3 slides of 4 stacks, shards of 5 (slides straddle shards)
+    recipe, dirs = _run_dirs(tmp_path, slides_per_group=1, shard_samples=5, mode="slides")
     recipe.export.slides = True
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -335,11 +344,11 @@ def test_world_size_two_gives_same_bytes(tmp_path, monkeypatch):
     assert summary["world"] == 2 and summary["rank"] == 1
     monkeypatch.delenv("WORLD_SIZE")  # (webdataset itself reads these too)
     monkeypatch.delenv("RANK")
-    recipe1, dirs1 = _run_dirs(tmp_path / "w1", slides_per_group=1, shard_samples=3)
+    recipe1, dirs1 = _run_dirs(tmp_path / "w1", slides_per_group=1, shard_samples=5, mode="slides")
     recipe1.export.slides = True
     runner.run(_ctx(recipe1, dirs1))
     work1 = recipe1.output_dir / "generate.partial"
-    for rel in ("shards/shard-000000.tar", "shards/shard-000001.tar", "slides/syn00001.tiff"):
+    for rel in ("shards/shard-000000.tar", "shards/shard-000001.tar", "shards/shard-000002.tar", "slides/syn00001.tiff"):
         assert (work / rel).read_bytes() == (work1 / rel).read_bytes(), rel
     assert _keys(work / "shards") == [s.key for s in make_plan(recipe).samples]
     # each slide's TIFF was written once, by the rank making the slide; OpenSlide opens it

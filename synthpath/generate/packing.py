@@ -133,6 +133,8 @@ def finalise(workdir: Path, plan: GenerationPlan, markers: dict[int, dict], expe
     samples_made = info.pop("samples_made", 0)
     slides_made = info.pop("slides_made", 0)
     tiles_made = info.pop("tiles_made", 0)
+    fill = info.pop("mean_batch_fill", None)
+    batch_size = info.pop("batch_size", None)
     shutil.rmtree(workdir / "work", ignore_errors=True)  # every slide is in the shards now
     swept = sweep_temp(workdir)
     slides_dir = workdir / "slides"
@@ -151,7 +153,8 @@ def finalise(workdir: Path, plan: GenerationPlan, markers: dict[int, dict], expe
         "slide_tiffs": sorted(p.name for p in slides_dir.glob("*.tiff")) if slides_dir.is_dir() else [],
         **ratio,
         "this_run": {"samples": samples_made, "slides": slides_made, "tiles": tiles_made, "seconds": round(secs, 3),
-                     "tiles_per_s": round(tiles_made / secs, 3) if secs > 0 and tiles_made else None},
+                     "tiles_per_s": round(tiles_made / secs, 3) if secs > 0 and tiles_made else None,
+                     "mean_batch_fill": fill, "batch_size": batch_size},
         "temp_files_removed": len(swept),
         **expect,
         **info,

@@ -43,16 +43,9 @@ import numpy as np
 from ..pipeline import StageError
 from ..recipe import Recipe
 from ..units import level_name
+from .stackgeom import PARENT_MARGIN, axis_chains, decode_stack, stacks_in_slide, window_grids, window_overlap
 
 PLAN_VERSION = 2
-
-#: parent-level pixels a tile's parent crop reads beyond its footprint (bicubic support)
-PARENT_MARGIN = 3
-
-
-def window_overlap(tile_px: int) -> int:
-    """The minimum overlap of synthesis's tile windows (its default, ``tile_px // 4``)."""
-    return max(1, tile_px // 4)
 
 #: most slides per group when ``generate.slides_per_group`` is not set
 MAX_AUTO_GROUP = 8
@@ -314,68 +307,6 @@ def holdout_slide_ids(slides: list[dict] | list[SlidePlan], n_classes: int, test
     return out
 
 
-def window_grids(layout: tuple[int, int], levels: list[float], tile_px: int, overlap: int) -> list[tuple[list[int], list[int]]]:
-    """(ys, xs): the origins of synthesis's tile windows at each level (the same evenly
-    spaced, overlapping windows :func:`synthpath.generate.synthesis.synthesize_slides` uses
-    with this ``overlap``)."""
-    from .synthesis import tile_positions
-
-    out = []
-    for k in range(len(levels)):
-        f = grid_factor(levels, k)
-        out.append((tile_positions(layout[0] * f * tile_px, tile_px, overlap),
-                    tile_positions(layout[1] * f * tile_px, tile_px, overlap)))
-    return out
-
-
-def _axis_chains(pos: list[list[int]], factors: list[int], tile_px: int, margin: int) -> list[tuple[int, ...]]:
-    """Every nested chain of window indices along one axis, coarsest first: the window at
-    level k+1 lies inside the footprint of the one at level k, with ``margin`` px (at the
-    coarser level) to spare for the bicubic parent crop where the windows allow it, so a
-    stack needs no tile beyond its own at each level (plus what synthesis adds for seams)."""
-    chains = [(i,) for i in range(len(pos[0]))]
-    for k, f in enumerate(factors):
-        parent, child = pos[k], pos[k + 1]
-        size = parent[-1] + tile_px
-        nxt = []
-        for ch in chains:
-            lo, hi = parent[ch[-1]], parent[ch[-1]] + tile_px
-            inside = [j for j, c in enumerate(child) if lo <= c // f and -(-(c + tile_px) // f) <= hi]
-            snug = [j for j in inside if lo <= max(0, child[j] // f - margin)
-                    and min(size, -(-(child[j] + tile_px) // f) + margin) <= hi]
-            for j in snug or inside:
-                nxt.append((*ch, j))
-        chains = nxt
-    if not chains:
-        raise StageError("no window of a finer level fits inside a window of the level above; "
-                         "check the levels and tile size")
-    return chains
-
-
-def _stacks_in_slide(layout: tuple[int, int], factors: list[int]) -> int:
-    n = layout[0] * layout[1]
-    for f in factors:
-        n *= f * f
-    return n
-
-
-def _decode_stack(code: int, layout: tuple[int, int], factors: list[int]) -> list[tuple[int, int]]:
-    """Stack number -> (row, col) in each level's tile grid, coarsest first.
-
-    ``factors[k]`` is the zoom between level k and k+1 (tiles per side of a parent)."""
-    sub = []
-    for f in reversed(factors):
-        code, r = divmod(code, f * f)
-        sub.append(divmod(r, f))
-    sub.reverse()
-    row, col = divmod(code, layout[1])
-    out = [(row, col)]
-    for f, (dr, dc) in zip(factors, sub):
-        row, col = row * f + dr, col * f + dc
-        out.append((row, col))
-    return out
-
-
 def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | None = None) -> GenerationPlan:
     """Build the deterministic generation plan for ``recipe``.
 
@@ -409,13 +340,16 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | 
 
     factors = [grid_factor(levels, k + 1) // grid_factor(levels, k) for k in range(len(levels) - 1)]
     mode = str(getattr(g, "mode", "stacks"))
+    if mode != "slides" and recipe.export.slides:
+        raise StageError("export.slides (whole-slide TIFFs) needs generate.mode: slides; generate.mode: stacks makes "
+                         "only the tiles under the sampled stacks, so a slide image would be mostly empty")
     overlap = window_overlap(tile_px)
     if mode == "slides":
-        n_stacks = _stacks_in_slide(layout, factors)
+        n_stacks = stacks_in_slide(layout, factors)
     else:  # stacks are nested synthesis windows, so each released tile is one generated tile
         grids = window_grids(layout, levels, tile_px, overlap)
-        chains_y = _axis_chains([gr[0] for gr in grids], factors, tile_px, PARENT_MARGIN)
-        chains_x = _axis_chains([gr[1] for gr in grids], factors, tile_px, PARENT_MARGIN)
+        chains_y = axis_chains([gr[0] for gr in grids], factors, tile_px, PARENT_MARGIN)
+        chains_x = axis_chains([gr[1] for gr in grids], factors, tile_px, PARENT_MARGIN)
         n_stacks = len(chains_y) * len(chains_x)
     per_slide = n_stacks if mode == "slides" else int(g.samples_per_slide)
     if mode != "slides" and g.samples_per_slide > n_stacks:
@@ -449,7 +383,7 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | 
                         code += 1
                 taken.add(code)
             if mode == "slides":  # the plain grid of non-overlapping tiles, which covers the slide
-                grid = _decode_stack(code, layout, factors)
+                grid = decode_stack(code, layout, factors)
                 pos = tuple(LevelPos(level=k, mpp=levels[k], name=names[k], row=r, col=c, x=c * tile_px, y=r * tile_px)
                             for k, (r, c) in enumerate(grid))
             else:  # row/col index the level's synthesis windows

@@ -46,7 +46,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..audit.gate import require_release
@@ -170,10 +169,10 @@ def _load_model_and_filter(ctx: StageContext, device: torch.device):
     from ..audit.filter import ReleaseFilter
     from ..models.checkpoint import load_model
 
-    model = load_model(ctx.inputs["train"], device, ema=True)
-    model.eval()
-    if ctx.recipe.generate.compile:
-        model = torch.compile(model)
+    from ..models.prepare import prepare_model
+
+    model = prepare_model(load_model(ctx.inputs["train"], device, ema=True), device,
+                          compile=bool(ctx.recipe.generate.compile))
     flt = ReleaseFilter.load(ctx.inputs["audit"], device)
     return model, flt
 
@@ -247,6 +246,10 @@ def run(ctx: StageContext) -> dict:
                         p.unlink(missing_ok=True)
             finally:
                 shutil.rmtree(canvas_dir, ignore_errors=True)
+                try:
+                    canvas_dir.parent.rmdir()  # .canvas/, once no worker uses it
+                except OSError:
+                    pass
     seconds = time.time() - t0
 
     # a cheap poll (marker and size; this worker's own slides were hashed above); the
@@ -273,6 +276,8 @@ def run(ctx: StageContext) -> dict:
         return finalise(ctx.workdir, plan, markers, expect, audit_passed=passed, audit_overridden=overridden,
                         rank=rank, world=world, seconds=seconds, samples_made=n_samples, slides_made=n_slides,
                         tiles_made=synth.tiles_made if synth else 0, slide_markers=slide_markers,
+                        mean_batch_fill=synth.mean_batch_fill() if synth else None,
+                        batch_size=int(recipe.generate.batch_size),
                         filter_stats=getattr(synth.tile_filter, "stats", None) if synth else None)
     except BaseException:
         (ctx.workdir / ".finalised_by.json").unlink(missing_ok=True)  # let a re-run finalise

@@ -110,7 +110,13 @@ class GroupSynth:
         self.canvas_dir = canvas_dir
         self.tiles_made = 0  # model tiles made in this process (with retries)
         self.n_filtered = 0  # tiles the filter sent back inside synthesis
+        self.model_calls = 0  # model batches run in this process
+        self.batched_tiles = 0.0  # tiles those batches held
         self.targets_supported = "targets" in inspect.signature(synthesis.synthesize_slides).parameters
+
+    def mean_batch_fill(self) -> float | None:
+        """Mean tiles per model batch in this process (``generate.batch_size`` is the cap)."""
+        return round(self.batched_tiles / self.model_calls, 3) if self.model_calls else None
 
     def slide_bytes(self) -> int:
         """RAM one slide's full pyramid takes (uint8 RGB, all levels)."""
@@ -137,6 +143,10 @@ class GroupSynth:
                 self.model, labels, plan.layout_tiles, plan.levels, seeds, sampler=self.recipe.sampler,
                 tile_filter=self.tile_filter, device=self.device, batch_size=self.recipe.generate.batch_size,
                 max_retries=self.max_retries, workdir=canvas, **kw)
+        if pyrs:  # batch statistics are per synthesis call (shared by its slides)
+            calls = int(getattr(pyrs[0], "model_calls", 0))
+            self.model_calls += calls
+            self.batched_tiles += float(getattr(pyrs[0], "batch_fill", 0.0)) * calls
         out = {}
         for s, pyr in zip(slides, pyrs):
             levels = [np.asarray(a) for a in pyr.levels]
