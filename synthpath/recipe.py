@@ -152,6 +152,9 @@ class PrivacyConfig(_Strict):
     noise_multiplicity: int = Field(8, ge=1)
     tiles_per_patient: int = Field(16, ge=1)
     secure_mode: bool = False
+    clipping: Literal["hooks", "ghost"] = Field(
+        "hooks", description="Per-unit norms by Opacus' per-sample hooks, or by ghost clipping (synthpath.train.ghost; "
+                             "no per-sample gradients, same mechanism; needed for multi-process DP).")
 
     @field_validator("delta")
     @classmethod

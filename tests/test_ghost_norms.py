@@ -137,3 +137,46 @@ def test_unsupported_layer_is_named():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match=r"1 \(BatchNorm2d\)"):
         GhostClipper(net, 1.0)
+
+
+# --------------------------------------------------------------------------- in the trainer
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from synthpath.tiles.toystore import make_toy_store
+
+    root = tmp_path_factory.mktemp("ghost") / "store"
+    make_toy_store(root, n_patients=6, tile_px=16, n_levels=2, coarse_tiles=2, holdout_patients=1)
+    return root
+
+
+def _train(tmp_path, store, clipping, unit):
+    from safetensors.torch import load_file
+
+    from synthpath.recipe import parse_recipe
+    from synthpath.train.trainer import train
+
+    data = {
+        "name": "t", "output_dir": str(tmp_path), "seed": 0,
+        "data": {"slide_dir": str(tmp_path), "classes": ["stroma", "tumour"]},
+        "ingest": {"tiling": {"levels": [2.0, 1.0], "tile_px": 16}},
+        "model": {"size": "tiny"},
+        "train": {"steps": 3, "batch_size": 3, "physical_batch_size": 4, "lr": 1e-3, "ema_decay": 0.9,
+                  "sample_every": 1000, "checkpoint_every": 1000, "device": "cpu"},
+        "privacy": {"enabled": True, "unit": unit, "target_epsilon": 8.0, "accountant": "rdp", "delta": 1e-3,
+                    "noise_multiplicity": 2, "tiles_per_patient": 2, "max_grad_norm": 0.05, "clipping": clipping},
+    }
+    out = tmp_path / clipping
+    summary = train(parse_recipe(data, check_files=False), store, out, progress=False)
+    return summary, load_file(str(out / "model_raw.safetensors")), (out / "ledger.json").read_text()
+
+
+@pytest.mark.parametrize("unit", ["tile", "patient"])
+def test_ghost_training_equals_opacus_hooks_training(tmp_path, store, unit):
+    """Same seeds, same units, same noise draws: ghost clipping and Opacus' hooks give the same
+    weights and the same ledger (the clip bound is small, so every unit is clipped)."""
+    s_h, w_h, led_h = _train(tmp_path, store, "hooks", unit)
+    s_g, w_g, led_g = _train(tmp_path, store, "ghost", unit)
+    assert s_h["privacy"] == s_g["privacy"]
+    assert led_h == led_g
+    for k in w_h:
+        assert torch.allclose(w_h[k], w_g[k], rtol=1e-4, atol=1e-6), k

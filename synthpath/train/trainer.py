@@ -35,7 +35,7 @@ from ..models import build_model, save_checkpoint
 from ..pipeline import StageContext, StageError
 from . import privacy as P
 from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker
-from .engine import PlainGradients, PrivateGradients, gradient_step
+from .engine import PlainGradients, PrivateGradients, ghost_privacy, gradient_step
 from .report import grid_conditions, plot_losses, read_losses, sample_grid, write_losses
 from .state import load_state, restore, save_state
 
@@ -93,7 +93,10 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
         log.warning("train.compile is ignored under DP: Opacus' per-sample hooks need the eager model")
     noise_gen = gens["noise"]
     K = pcfg.noise_multiplicity
-    if pcfg.unit == "tile":
+    if pcfg.clipping == "ghost":
+        plan, grads, accountant = ghost_privacy(recipe, model, optimizer, dataset, noise_gen)
+        max_units = max(1, tcfg.physical_batch_size // (K * (pcfg.tiles_per_patient if pcfg.unit == "patient" else 1)))
+    elif pcfg.unit == "tile":
         plan, grads, accountant = _tile_privacy(recipe, model, optimizer, dataset, noise_gen)
         max_units = max(1, tcfg.physical_batch_size // K)
     else:
