@@ -236,6 +236,16 @@ class EvaluateConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (classifiers and feature extraction).")
 
 
+class ComputeConfig(_Strict):
+    """The compute budget a recipe is sized for (``synthpath plan`` checks it)."""
+
+    gpu: str = Field("H100 SXM", description="Named accelerator the budget is stated for.")
+    gpus: int = Field(8, ge=1, description="Accelerators training and generation run on.")
+    sustained_tflops: float = Field(300.0, gt=0, description="Sustained bf16 TFLOP/s per accelerator assumed.")
+    train_budget_days: float | None = Field(None, gt=0, description="Wall-clock days training must fit in.")
+    generate_budget_days: float | None = Field(None, gt=0, description="Wall-clock days generation must fit in.")
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: Path
@@ -250,6 +260,7 @@ class Recipe(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     # The folder of the recipe file; relative paths were resolved against it.
     source: Path | None = Field(None, exclude=True)
