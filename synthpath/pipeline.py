@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -141,6 +142,26 @@ def is_current(recipe: Recipe, stage: Stage) -> bool:
     return m.get("fingerprint") == fp
 
 
+_TEMP_NAME = re.compile(r"\.tmp\d*(\.[A-Za-z0-9]+)?$")
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete temp files and folders (``x.tmp``, ``x.tmp<pid>``, ``x.tmp.png``, ``.x.tmp<pid>``)
+    that an interrupted atomic writer left under ``folder``, so none survives into a
+    finished stage folder; returns what was removed."""
+    gone: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return gone
+    for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):  # deepest first
+        if _TEMP_NAME.search(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
 
 def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict | None = None) -> dict:
     """Run one stage if its output is missing or stale (or ``force``); return its manifest."""
@@ -195,6 +216,7 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         "summary": summary,
     }
     fp_file.unlink(missing_ok=True)
+    remove_temp_files(work)
     write_json(work / MANIFEST, manifest)
     # Swap into place: the old folder (if any) is moved aside first, then removed.
     if final.exists():

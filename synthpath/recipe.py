@@ -155,6 +155,8 @@ class PrivacyConfig(_Strict):
     clipping: Literal["hooks", "ghost"] = Field(
         "hooks", description="Per-unit norms by Opacus' per-sample hooks, or by ghost clipping (synthpath.train.ghost; "
                              "no per-sample gradients, same mechanism; needed for multi-process DP).")
+    label_share_budget: float = Field(0.05, gt=0, lt=0.5, description="Share of target_epsilon spent on the DP "
+                                      "label shares (unused when generate.label_proportions is given).")
 
     @field_validator("delta")
     @classmethod
@@ -234,6 +236,8 @@ class EvaluateConfig(_Strict):
     feature_px: int | None = Field(None, ge=32, description="Input side of the 'efficientnet' space (default 224, its "
                                    "ImageNet size; smaller is faster on a CPU and is named in every figure).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (classifiers and feature extraction).")
+    publish: bool = Field(True, description="Put the holdout figures (TSTR/TRTR, fidelity) in the dataset card. They "
+                          "are not DP: the holdout patients are not protected. false keeps them out of the card.")
 
 
 class ComputeConfig(_Strict):

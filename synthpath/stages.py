@@ -21,7 +21,7 @@ def _lazy(module: str, func: str = "run"):
 BUILTIN = (
     Stage("ingest", ("data", "ingest"), (), _lazy("synthpath.slides.ingest"),
                "read slides, detect tissue, tile nested levels, label, split by patient"),
-    Stage("train", ("model", "train", "privacy"), ("ingest",), _lazy("synthpath.train.trainer"),
+    Stage("train", ("model", "train", "privacy", "generate.label_proportions"), ("ingest",), _lazy("synthpath.train.trainer"),
                "train the magnification-aware diffusion model (optionally with DP-SGD)"),
     Stage("audit", ("audit", "sampler"), ("ingest", "train"), _lazy("synthpath.audit.report"),
                "memorization and membership-inference audit; the release gate"),

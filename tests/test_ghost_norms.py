@@ -166,7 +166,7 @@ def _train(tmp_path, store, clipping, unit):
                     "noise_multiplicity": 2, "tiles_per_patient": 2, "max_grad_norm": 0.05, "clipping": clipping},
     }
     out = tmp_path / clipping
-    summary = train(parse_recipe(data, check_files=False), store, out, progress=False)
+    summary = train(parse_recipe(data, check_files=False), store, out, progress=False, dp_seed=7)
     return summary, load_file(str(out / "model_raw.safetensors")), (out / "ledger.json").read_text()
 
 

@@ -412,6 +412,12 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
         "`--allow-failed-audit`. Do not treat it as privacy-preserving; read the audit section.**\n")
 
     dp_text, dp_head = _privacy_section(num, ledger, "train/ledger.json")
+    if not recipe.evaluate.publish:  # holdout figures are not DP: kept out of the card on request
+        published_eval, evaluate_report = evaluate_report is not None, None
+    from .coverage import coverage_section
+
+    coverage = coverage_section(num, recipe=recipe, ledger=ledger, audit=audit, gen=gen,
+                                evaluated=evaluate_report is not None)
     split_txt = ", ".join(f"{num(s['num_examples'], export_src, ['splits', sp, 'num_examples'])} in `{sp}`"
                           for sp, s in splits.items())
     n_cls = num(len(classes), export_src, ["classes", "#len"])
@@ -465,6 +471,10 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
 
     audit_txt = _audit_section(num, audit, "audit/report.json", images.get("contact_sheet"))
     utility = _utility_section(num, evaluate_report, evaluate_src)
+    if not recipe.evaluate.publish:
+        utility = ("Not published: `evaluate.publish` is false. The evaluation runs on real holdout patients, who "
+                   "are not protected by ε, so its figures are kept out of this card"
+                   + (" (they are in the run's `evaluate/report.json`)." if published_eval else "."))
     grids = "\n\n".join(f"`{n}`: a row per class (" + ", ".join(f"`{c}`" for c in classes) + f")\n\n![samples at {n}]({images['grids'][n]})"
                         for n in level_names if n in images.get("grids", {})) or "No sample grid was written."
     lim = ["- Synthetic tiles can carry the biases of the training slides (sites, scanners, stains, "
@@ -489,7 +499,7 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
     text = tpl.substitute(
         yaml_header=yaml_header, override_banner=banner, pretty_name=pretty, summary=summary, license=recipe.export.license,
         structure="\n".join(st), load_images=load_images, wds_images=wds_images, how_made="\n".join(hm),
-        privacy=dp_text, audit=audit_txt, utility=utility, grids=grids, limitations="\n".join(lim),
+        privacy=dp_text, coverage=coverage, audit=audit_txt, utility=utility, grids=grids, limitations="\n".join(lim),
     )
     return text, num.records
 
@@ -515,7 +525,9 @@ def write_card(export_dir: Path, *, recipe, ingest_dir: Path, train_dir: Path, a
     for name in _sample_grids(generate_dir, hf_dir, info["classes"], info["level_names"]):
         images["grids"][name[len("samples_"):-len(".png")]] = name
     ev, ev_src = None, "evaluate/report.json"
-    if isinstance(evaluate_report, dict):
+    if not recipe.evaluate.publish:  # holdout figures stay out of the released folder too
+        (hf_dir / "evaluation.json").unlink(missing_ok=True)
+    elif isinstance(evaluate_report, dict):
         # a view made by the caller: kept next to the card so its numbers have a file to cite
         ev, ev_src = evaluate_report, "hf/evaluation.json"
         write_json(hf_dir / "evaluation.json", ev)

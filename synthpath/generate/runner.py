@@ -362,7 +362,7 @@ def run(ctx: StageContext) -> dict:
     recipe = ctx.recipe
     rank, world = rank_world(ctx.options.get("env"))
     passed, overridden = release_allowed(ctx, ctx.inputs["audit"])
-    plan = make_plan(recipe, ctx.inputs["ingest"])
+    plan = make_plan(recipe, ctx.inputs["ingest"], ctx.inputs.get("train"))
     shard_dir = ctx.workdir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     slides_dir = ctx.workdir / "slides" if recipe.export.slides else None

@@ -191,7 +191,7 @@ class GhostGradients:
         return True
 
 
-def plan_tile_privacy(pcfg, *, n_tiles: int, batch_size: int, steps: int) -> P.PrivacyPlan:
+def plan_tile_privacy(pcfg, *, n_tiles: int, batch_size: int, steps: int, prior=()) -> P.PrivacyPlan:
     """Tile-level plan as Opacus' ``make_private_with_epsilon`` computes it: Poisson rate
     ``q = 1 / ceil(n / batch_size)``, sigma for the target epsilon over ``steps`` steps."""
     import math
@@ -205,25 +205,28 @@ def plan_tile_privacy(pcfg, *, n_tiles: int, batch_size: int, steps: int) -> P.P
                          f"sampling rate would be 1; lower train.batch_size")
     q = 1.0 / n_batches
     sigma = P.calibrate_sigma(target_epsilon=pcfg.target_epsilon, delta=delta, sample_rate=q, steps=steps,
-                              accountant=pcfg.accountant, n_units=n_tiles, unit="tile")
+                              accountant=pcfg.accountant, n_units=n_tiles, unit="tile",
+                              prior=tuple(tuple(p) for p in prior))
     return P.PrivacyPlan(
         unit="tile", n_units=n_tiles, sample_rate=q, expected_units=q * n_tiles, sigma=sigma, delta=delta,
         target_epsilon=pcfg.target_epsilon, steps=steps, max_grad_norm=pcfg.max_grad_norm,
         noise_multiplicity=pcfg.noise_multiplicity, tiles_per_patient=None, accountant=pcfg.accountant,
-        secure_mode=pcfg.secure_mode, delta_rule="auto: 1/(10 n_tiles)" if pcfg.delta == "auto" else "given",
-        warnings=P.unit_warnings("tile", n_tiles))
+        secure_mode=pcfg.secure_mode, delta_rule=P.delta_rule(pcfg.delta, "tile"),
+        warnings=P.unit_warnings("tile", n_tiles), prior=[list(p) for p in prior])
 
 
-def ghost_privacy(recipe, model: nn.Module, optimizer, dataset, noise_gen, *, reduce=None, add_noise=True):
+def ghost_privacy(recipe, model: nn.Module, optimizer, dataset, noise_gen, prior=(), *, reduce=None,
+                  add_noise=True):
     """``(plan, GhostGradients, accountant)`` for ``privacy.clipping: ghost`` at either unit."""
     from opacus.accountants import create_accountant
 
     tcfg, pcfg = recipe.train, recipe.privacy
     if pcfg.unit == "tile":
-        plan = plan_tile_privacy(pcfg, n_tiles=len(dataset), batch_size=tcfg.batch_size, steps=tcfg.steps)
+        plan = plan_tile_privacy(pcfg, n_tiles=len(dataset), batch_size=tcfg.batch_size, steps=tcfg.steps,
+                                 prior=prior)
     else:
         plan = P.plan_patient_privacy(pcfg, n_patients=len(dataset.patients), batch_size=tcfg.batch_size,
-                                      steps=tcfg.steps)
+                                      steps=tcfg.steps, prior=prior)
     accountant = create_accountant(mechanism=pcfg.accountant)
     grads = GhostGradients(model, optimizer, accountant, sigma=plan.sigma, max_grad_norm=plan.max_grad_norm,
                            expected_units=plan.expected_units, sample_rate=plan.sample_rate,
