@@ -62,6 +62,7 @@ class PlainGradients:
         self.max_units = max(1, int(max_units))
         self.grad_clip = grad_clip
         self.last_grad_norm = float("nan")
+        self.reduce = None  # set by the data-parallel trainer: sums gradients over ranks
 
     def chunks(self, units: list) -> list[list]:
         m = self.max_units
@@ -77,6 +78,10 @@ class PlainGradients:
         if not last:
             return False
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.reduce is not None:  # data-parallel: every rank's share of the batch mean, summed
+            summed = self.reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            for p, g in zip(params, summed):
+                p.grad = g
         if self.grad_clip is not None:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         self.optimizer.step()
@@ -177,12 +182,13 @@ class GhostGradients:
         if not last:
             return False
         summed = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        std = self.sigma * self.max_grad_norm
+        if self.add_noise and std > 0:  # one process only: the noise enters the all-reduce once
+            summed = [s + torch.normal(mean=0.0, std=std, size=s.shape, device=s.device, generator=self.generator)
+                      for s in summed]
         if self.reduce is not None:
             summed = self.reduce(summed)
-        std = self.sigma * self.max_grad_norm
         for p, s in zip(self.params, summed):
-            if self.add_noise and std > 0:
-                s = s + torch.normal(mean=0.0, std=std, size=s.shape, device=s.device, generator=self.generator)
             p.grad = s / self.expected_units
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -235,17 +241,26 @@ def ghost_privacy(recipe, model: nn.Module, optimizer, dataset, noise_gen, prior
 
 
 def gradient_step(grads, units: Sequence, make_rows: Callable[[list], Rows],
-                  loss_fn: Callable[[nn.Module, Rows], torch.Tensor]) -> dict:
+                  loss_fn: Callable[[nn.Module, Rows], torch.Tensor], *, dist=None,
+                  reseed: Callable[[int], None] | None = None) -> dict:
     """One optimiser step over the logical batch ``units`` (the single code path).
 
-    Returns ``{"loss": mean unit loss, "units": number of units, "stepped": bool}``.
+    ``dist`` (:class:`~synthpath.train.distributed.DistContext`): run only this rank's chunks
+    (chunk ``j`` on rank ``j mod W``); the wrapper's ``reduce`` sums over ranks. ``reseed(j)``
+    is called before chunk ``j`` is built (per-chunk public row randomness).
+
+    Returns ``{"loss": mean unit loss, "units": number of units, "stepped": bool}`` (over all ranks).
     """
     units = [int(u) for u in units]
     chunks = grads.chunks(units)
+    mine = dist.my_chunks(chunks) if dist is not None and dist.active else list(enumerate(chunks))
+    mine = mine or [(-1, [])]  # a rank without chunks still takes part in the step's all-reduce
     total, count, stepped = 0.0, 0, False
-    for i, chunk in enumerate(chunks):
-        last = i == len(chunks) - 1
+    for i, (j, chunk) in enumerate(mine):
+        last = i == len(mine) - 1
         if chunk:
+            if reseed is not None:
+                reseed(j)
             rows = make_rows(chunk)
             row_loss = loss_fn(grads.module, rows)
             grads.accumulate(row_loss, rows, len(chunk), len(units))
@@ -254,4 +269,7 @@ def gradient_step(grads, units: Sequence, make_rows: Callable[[list], Rows],
         else:
             grads.empty()
         stepped = grads.apply(last) or stepped
+    if dist is not None and dist.active:
+        total, count = (float(v) for v in dist.all_reduce_sum([torch.tensor([total, float(count)])])[0])
+        count = int(round(count))
     return {"loss": total / count if count else float("nan"), "units": count, "stepped": stepped}
