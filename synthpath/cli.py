@@ -39,6 +39,10 @@ def make_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--print", action="store_true", help="print the resolved recipe")
 
+    p = sub.add_parser("plan", help="print the training and generation compute of a recipe against its budget")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     p = sub.add_parser("build", help="run every stage in order, skipping stages that are up to date")
     _common(p)
     _stage_options(p)
@@ -93,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.recipe}: OK ({recipe.name}; levels {recipe.levels} µm/px, tile {recipe.tile_px} px)")
         if args.print:
             print(json.dumps(recipe.model_dump(mode="json"), indent=2))
-        return 0
+        from .plan import compute_plan, format_plan
+
+        plan = compute_plan(recipe)
+        print(format_plan(plan))
+        return 0 if plan.fits else 4
+
+    if args.command == "plan":
+        from .plan import compute_plan, format_plan
+
+        plan = compute_plan(recipe)
+        print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+        return 0 if plan.fits else 4
 
     options = {"strict": getattr(args, "strict", False), "allow_failed_audit": getattr(args, "allow_failed_audit", False)}
     command = "synthpath " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

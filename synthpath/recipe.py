@@ -154,6 +154,9 @@ class PrivacyConfig(_Strict):
     noise_multiplicity: int = Field(8, ge=1)
     tiles_per_patient: int = Field(16, ge=1)
     secure_mode: bool = False
+    clipping: Literal["hooks", "ghost"] = Field(
+        "hooks", description="Per-unit norms by Opacus' per-sample hooks, or by ghost clipping (synthpath.train.ghost; "
+                             "no per-sample gradients, same mechanism; needed for multi-process DP).")
     label_share_budget: float = Field(0.05, gt=0, lt=0.5, description="Share of target_epsilon spent on the DP "
                                       "label shares (unused when generate.label_proportions is given).")
 
@@ -251,6 +254,16 @@ class EvaluateConfig(_Strict):
                           "are not DP: the holdout patients are not protected. false keeps them out of the card.")
 
 
+class ComputeConfig(_Strict):
+    """The compute budget a recipe is sized for (``synthpath plan`` checks it)."""
+
+    gpu: str = Field("H100 SXM", description="Named accelerator the budget is stated for.")
+    gpus: int = Field(8, ge=1, description="Accelerators training and generation run on.")
+    sustained_tflops: float = Field(300.0, gt=0, description="Sustained bf16 TFLOP/s per accelerator assumed.")
+    train_budget_days: float | None = Field(None, gt=0, description="Wall-clock days training must fit in.")
+    generate_budget_days: float | None = Field(None, gt=0, description="Wall-clock days generation must fit in.")
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: Path
@@ -265,6 +278,7 @@ class Recipe(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     # The folder of the recipe file; relative paths were resolved against it.
     source: Path | None = Field(None, exclude=True)

@@ -33,11 +33,12 @@ import torch
 from ..atomic import write_json
 from ..models import build_model, save_checkpoint
 from ..pipeline import StageContext, StageError
+from . import distributed as D
 from . import dprandom
 from . import label_shares as L
 from . import privacy as P
 from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker
-from .engine import PlainGradients, PrivateGradients, gradient_step
+from .engine import PlainGradients, PrivateGradients, ghost_privacy, gradient_step
 from .report import grid_conditions, plot_losses, read_losses, sample_grid, write_losses
 from .guard import DONE, check_resume, read_done, remove_temp_files, settings_of
 from .state import load_state, restore, save_state
@@ -78,7 +79,8 @@ class Setup:
 
 
 def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset,
-                    gens: dict[str, torch.Generator], device: torch.device, prior: list | tuple = ()) -> Setup:
+                    gens: dict[str, torch.Generator], device: torch.device, prior: list | tuple = (),
+                    dist: D.DistContext | None = None) -> Setup:
     """Wrap ``model``/``optimizer`` for the recipe's privacy setting. The only place where a
     private run differs from a non-private one. ``prior``: accountant entries composed with
     training (the DP label shares), so that the total meets ``privacy.target_epsilon``."""
@@ -89,6 +91,8 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
             module = torch.compile(model)
         grads = PlainGradients(model, optimizer, max_units=tcfg.physical_batch_size, grad_clip=tcfg.grad_clip,
                                module=module)
+        if dist is not None and dist.active:
+            grads.reduce = dist.all_reduce_sum
         n = len(dataset)
         return Setup(grads, lambda left: FixedSizeSampler(n, tcfg.batch_size, gens["units"]), n, "tile", None, None)
 
@@ -97,7 +101,16 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
         log.warning("train.compile is ignored under DP: Opacus' per-sample hooks need the eager model")
     noise_gen = gens["noise"]
     K = pcfg.noise_multiplicity
-    if pcfg.unit == "tile":
+    multi = dist is not None and dist.active
+    if multi and pcfg.clipping != "ghost":
+        raise StageError(f"training with DP on {dist.world} processes needs privacy.clipping: ghost (the noise is "
+                         f"added once, by rank 0, before the all-reduce); got {pcfg.clipping!r}")
+    if pcfg.clipping == "ghost":
+        plan, grads, accountant = ghost_privacy(recipe, model, optimizer, dataset, noise_gen, prior,
+                                                reduce=dist.all_reduce_sum if multi else None,
+                                                add_noise=dist is None or dist.main)
+        max_units = max(1, tcfg.physical_batch_size // (K * (pcfg.tiles_per_patient if pcfg.unit == "patient" else 1)))
+    elif pcfg.unit == "tile":
         plan, grads, accountant = _tile_privacy(recipe, model, optimizer, dataset, noise_gen, prior)
         max_units = max(1, tcfg.physical_batch_size // K)
     else:
@@ -220,7 +233,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     classes = list(dataset.store.classes)
     levels = list(dataset.levels)
     tile_px = int(dataset.tile_px)
-    device = resolve_device(tcfg.device)
+    dist, device = D.context(resolve_device(tcfg.device))  # torchrun / srun: one process per device
 
     seed_everything(recipe.seed)
     try:
@@ -250,7 +263,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
             label_block = L.plan_label_shares(pcfg, P.resolve_delta(pcfg.delta, n_units))
             prior = label_block["history"]
 
-    setup = build_gradients(recipe, model, optimizer, dataset, gens, device, prior=prior)
+    setup = build_gradients(recipe, model, optimizer, dataset, gens, device, prior=prior, dist=dist)
     dp = setup.plan is not None
     K = pcfg.noise_multiplicity if dp else 1
     rows = RowMaker(dataset, unit=setup.unit if dp else "tile", noise_multiplicity=K,
@@ -335,8 +348,9 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         while step < tcfg.steps:
             if dp and _steps_in(setup.accountant.history) >= setup.plan.steps:
                 break  # never train past the budget
-            units = sampler.draw()
-            out = gradient_step(setup.grads, units, rows, loss_fn)
+            units = dist.broadcast_object(sampler.draw() if dist.main else None)  # global sampling, rank 0
+            out = gradient_step(setup.grads, units, rows, loss_fn, dist=dist,
+                                reseed=lambda j: gens["rows"].manual_seed(D.chunk_seed(recipe.seed, step, j)))
             if not out["stepped"]:
                 raise RuntimeError("the optimiser did not step at the end of a logical batch")
             step += 1
@@ -347,12 +361,13 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
                 if step % tcfg.log_every == 0 or step == tcfg.steps:
                     recent = [r["loss"] for r in loss_rows[-tcfg.log_every:] if math.isfinite(r["loss"])]
                     bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan")
-            if step % tcfg.sample_every == 0:
+            if step % tcfg.sample_every == 0 and dist.main:
                 sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
             # the last step is always saved, so a kill while finishing resumes at the end, not at 0
-            if step % tcfg.checkpoint_every == 0 or step == stop_after or step == tcfg.steps:
+            if (step % tcfg.checkpoint_every == 0 or step == stop_after or step == tcfg.steps) and dist.main:
                 checkpoint(step)
             if stop_after is not None and step >= stop_after and step < tcfg.steps:
+                dist.barrier()
                 raise TrainingInterrupted(f"training stopped after step {step} on request; run again to resume")
     finally:
         if bar is not None:
@@ -363,6 +378,9 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     if dp and led["epsilon"] > setup.plan.target_epsilon + 0.05:
         raise StageError(f"privacy accounting spent epsilon={led['epsilon']:.3f}, above the target "
                          f"{setup.plan.target_epsilon}; the train stage does not finish")
+    if not dist.main:  # rank 0 writes every artifact, once; the other ranks end with it
+        dist.barrier()
+        return {**summary_base, "steps": step, "rank": dist.rank, "world_size": dist.world}
     if not (workdir / "samples" / f"step_{step:05d}.png").exists():
         sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
     extra = {**summary_base, "steps": step, "seed": recipe.seed,
@@ -386,6 +404,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     write_json(workdir / DONE, {"settings": settings, "summary": summary})  # before the state goes
     shutil.rmtree(state_dir, ignore_errors=True)
     remove_temp_files(workdir)
+    dist.barrier()
     return summary
 
 
