@@ -4,6 +4,7 @@ sharded runner (interruption, world size 2, release gate) with a tiny real model
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from synthpath.generate.runner import rank_world
 from synthpath.generate.writers import encode_png, finished_marker, sample_members, write_shard, write_tar
 from synthpath.pipeline import StageError
 from synthpath.recipe import parse_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import bind_test_audit  # noqa: E402
 
 
 
@@ -86,8 +90,14 @@ def test_sample_seeds_depend_only_on_seed_and_index(tmp_path):
 
 
 def test_plan_errors_name_the_key(tmp_path):
+    from synthpath.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="generate.samples_per_slide"):  # caught when the recipe is read
+        small_recipe(tmp_path, samples_per_slide=65, layout_tiles=[1, 1])
+    r = small_recipe(tmp_path, layout_tiles=[1, 1])
+    r.generate.samples_per_slide = 65  # and again by the plan, for a recipe changed after validation
     with pytest.raises(StageError, match="samples_per_slide"):
-        make_plan(small_recipe(tmp_path, samples_per_slide=65, layout_tiles=[1, 1]))
+        make_plan(r)
     with pytest.raises(StageError, match="label_proportions"):
         make_plan(small_recipe(tmp_path, label_proportions=None))
 
@@ -216,6 +226,7 @@ def _run_dirs(tmp_path: Path, *, copy_all: bool = False, passed: bool = True, **
     big = 1e9 if copy_all else 0.0
     ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
                         {"pixel": {lv: {"d1": big, "cal": big} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
+    bind_test_audit(recipe, dirs)
     return recipe, dirs
 
 

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from ..pipeline import StageContext, StageError
 from ..generate.plan import holdout_slide_ids
-from ..generate.runner import release_allowed
+from ..audit.gate import require_release
 from ..generate.writers import sha256_file
 
 log = logging.getLogger("synthpath.export")
@@ -359,7 +359,7 @@ def run(ctx: StageContext) -> dict:
     from .card import write_card
 
     recipe = ctx.recipe
-    passed, overridden = release_allowed(ctx, ctx.inputs["audit"])
+    passed, overridden = require_release(ctx)
     wds_info = export_webdataset(ctx.inputs["generate"], ctx.workdir / "webdataset") if recipe.export.webdataset else None
     if not recipe.export.hf:
         log.info("export.hf is false: no Hugging Face dataset is written")

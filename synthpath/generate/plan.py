@@ -233,12 +233,33 @@ def grid_factor(levels: list[float], level: int) -> int:
     return f
 
 
-def training_label_shares(ingest_dir: Path, n_classes: int) -> list[float]:
-    """Tile counts per class among the labelled *training* tiles at the coarsest level of
-    the ingest store (``index.parquet``), falling back to all levels if level 0 has none."""
+def training_label_shares(ingest_dir: Path, n_classes: int, train_dir: Path | None = None) -> tuple[list[float], str]:
+    """``(weights, source)``: the label shares of the training data.
+
+    Under DP the train stage released them through a Gaussian mechanism inside epsilon
+    (``train/ledger.json`` ``label_shares``, see :mod:`synthpath.train.label_shares`); they are
+    read from there, and a DP ledger without them is an error (the exact counts would be a
+    private statistic outside epsilon). Without DP (no guarantee anyway) they are the tile
+    counts per class among the labelled *training* tiles at the coarsest level of the ingest
+    store (``index.parquet``), falling back to all levels if level 0 has none."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    ledger_p = Path(train_dir) / "ledger.json" if train_dir is not None else None
+    if ledger_p is not None and ledger_p.is_file():
+        try:
+            ledger = json.loads(ledger_p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StageError(f"the privacy ledger {ledger_p} cannot be read ({e}); re-run `synthpath train`") from None
+        if ledger.get("enabled"):
+            block = ledger.get("label_shares") or {}
+            shares = block.get("shares")
+            if block.get("source") != "dp" or not isinstance(shares, list) or len(shares) != n_classes \
+                    or any(not isinstance(v, (int, float)) or not v >= 0 for v in shares) or sum(shares) <= 0:
+                raise StageError(f"{ledger_p}: the model was trained with DP but the ledger has no valid DP label "
+                                 f"shares for {n_classes} classes; re-run `synthpath train`, or set "
+                                 f"generate.label_proportions (public knowledge)")
+            return [float(v) for v in shares], "training tiles, under DP (Gaussian mechanism inside epsilon)"
     path = Path(ingest_dir) / "index.parquet"
     if not path.is_file():
         raise StageError(f"the ingest store has no index: {path} is missing; re-run `synthpath ingest`")
@@ -253,7 +274,7 @@ def training_label_shares(ingest_dir: Path, n_classes: int) -> list[float]:
                          f"set generate.label_proportions in the recipe")
     if labels.max() >= n_classes:
         raise StageError(f"{path}: label {int(labels.max())} is out of range for {n_classes} classes")
-    return np.bincount(labels, minlength=n_classes).astype(float).tolist()
+    return np.bincount(labels, minlength=n_classes).astype(float).tolist(), "training tiles"
 
 
 def _spread(labels_counts: list[int]) -> list[int]:
@@ -286,7 +307,7 @@ def holdout_slide_ids(slides: list[dict] | list[SlidePlan], n_classes: int, test
     return out
 
 
-def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
+def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | None = None) -> GenerationPlan:
     """Build the deterministic generation plan for ``recipe``.
 
     ``ingest_dir`` is needed only when ``generate.label_proportions`` is not set (the label
@@ -312,8 +333,7 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None) -> GenerationPlan:
     else:
         if ingest_dir is None:
             raise StageError("generate.label_proportions is not set and no ingest store was given to take label shares from")
-        weights = training_label_shares(ingest_dir, len(classes))
-        source = "training tiles"
+        weights, source = training_label_shares(ingest_dir, len(classes), train_dir)
 
     counts = largest_remainder(weights, g.n_slides)
     slide_labels = _spread(counts)

@@ -48,7 +48,8 @@ from typing import Callable
 
 import torch
 
-from ..pipeline import ReleaseBlocked, StageContext, StageError
+from ..audit.gate import require_release
+from ..pipeline import StageContext, StageError
 from .packing import finalise, pack_all, slide_finished
 from .plan import GenerationPlan, SamplePlan, make_plan
 from .slidework import MEMMAP_BYTES, GroupSynth, crop_stack, sample_meta
@@ -56,7 +57,7 @@ from .writers import clear_unit, sample_members, write_json_atomic, write_unit
 
 log = logging.getLogger("synthpath.generate")
 
-__all__ = ["run", "rank_world", "resolve_device", "weights_hash", "audit_passed", "release_allowed", "finalise",
+__all__ = ["run", "rank_world", "resolve_device", "weights_hash", "finalise",
            "sample_meta", "crop_stack", "write_slide_tiff", "ShardsPending", "MEMMAP_BYTES"]
 
 
@@ -121,36 +122,6 @@ def weights_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def audit_passed(audit_dir: Path) -> tuple[bool, dict]:
-    """Read ``audit/report.json``: (passed, report). A missing or unreadable report is an
-    error, never a pass."""
-    path = Path(audit_dir) / "report.json"
-    if not path.is_file():
-        raise StageError(f"the audit report {path} is missing; run `synthpath audit` first")
-    try:
-        rep = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StageError(f"the audit report {path} cannot be read: {e}") from None
-    if not isinstance(rep, dict) or not isinstance(rep.get("passed"), bool):
-        raise StageError(f"the audit report {path} has no boolean 'passed' key")
-    return rep["passed"], rep
-
-
-def release_allowed(ctx: StageContext, audit_dir: Path) -> tuple[bool, bool]:
-    """(audit passed, override used). Raises :class:`ReleaseBlocked` if the audit failed
-    and neither ``--allow-failed-audit`` nor ``export.allow_failed_audit`` is set."""
-    passed, rep = audit_passed(audit_dir)
-    override = bool(ctx.options.get("allow_failed_audit")) or bool(ctx.recipe.export.allow_failed_audit)
-    if not passed and not override:
-        failed = [k for k, v in (rep.get("checks") or {}).items() if isinstance(v, dict) and v.get("passed") is False]
-        raise ReleaseBlocked(
-            f"the audit in {audit_dir / 'report.json'} failed (checks: {', '.join(failed) or 'see report.md'}); "
-            f"nothing is released. Fix the model (more privacy, more data) or pass --allow-failed-audit "
-            f"(the dataset card then says so first)"
-        )
-    return passed, (not passed and override)
-
-
 # ----------------------------------------------------------------------------- slides
 def write_slide_tiff(pyramid, path: Path) -> None:
     """A synthetic slide (a synthesis ``Pyramid``) as a pyramidal TIFF, written atomically."""
@@ -211,8 +182,8 @@ def run(ctx: StageContext) -> dict:
     and the stage summary."""
     recipe = ctx.recipe
     rank, world = rank_world(ctx.options.get("env"))
-    passed, overridden = release_allowed(ctx, ctx.inputs["audit"])
-    plan = make_plan(recipe, ctx.inputs["ingest"])
+    passed, overridden = require_release(ctx)
+    plan = make_plan(recipe, ctx.inputs["ingest"], ctx.inputs.get("train"))
     work_dir = ctx.workdir / "work"
     work_dir.mkdir(parents=True, exist_ok=True)
     (ctx.workdir / "shards").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ whole pyramid is made and released.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ import torch
 
 from ..pipeline import StageError
 from .plan import GenerationPlan, SamplePlan, grid_factor, stable_seed
+
+log = logging.getLogger("synthpath.generate")
 
 #: groups whose canvases (all levels, all slides) exceed this are kept as memory maps on disk
 MEMMAP_BYTES = 2 << 30
@@ -168,6 +171,15 @@ class GroupSynth:
             with torch.no_grad():
                 flags = self.tile_filter(_to_filter_input([st[k] for st in stacks], self.device), k)
             if bool(torch.as_tensor(flags).any()):
+                return True
+        if self.recipe.export.slides or self.recipe.generate.mode == "slides":
+            # the whole canvas is released (TIFF, every grid tile): every window of every level must pass
+            from ..audit.verify import verify_canvas
+
+            check = verify_canvas(self.tile_filter, levels, self.plan.tile_px, device=self.device, stop_at_first=True)
+            if not check.passed:
+                log.warning("slide %s: finished canvas window (level, y, x) %s is flagged; re-synthesising",
+                            self.plan.slides[s].slide_id, check.flagged[0])
                 return True
         return False
 
