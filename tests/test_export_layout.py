@@ -48,7 +48,8 @@ def test_level_configs_hold_distinct_tiles(tmp_path, monkeypatch):
 
 
 def test_export_flags_are_honoured(tmp_path):
-    recipe, dirs = build_run(tmp_path, hf=False)
+    recipe, dirs = build_run(tmp_path)
+    recipe.export.hf = False  # (a recipe file would also need evaluate.enabled: false)
     summary = hfmod.run(ctx_for(recipe, dirs, tmp_path))  # skipped, not failed
     work = recipe.output_dir / "export.partial"
     assert summary["hf_dir"] is None and not (work / "hf").exists()
