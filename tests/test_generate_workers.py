@@ -58,6 +58,10 @@ def _setup(root: Path, **gen) -> Path:
     train = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ReleaseFilter.build(out / "audit", {"pixel": space}, {("pixel", lv): space.embed(train) for lv in (0, 1)},
                         {"pixel": {lv: {"d1": 0.0, "cal": 0.0} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
+    from conftest import bind_test_audit  # the release gate needs an audit bound to these weights and recipe
+    from synthpath.recipe import parse_recipe
+
+    bind_test_audit(parse_recipe(raw), {n: out / n for n in ("ingest", "train", "audit")})
     return path
 
 
