@@ -48,6 +48,8 @@ class DataConfig(_Strict):
     geojson_dir: Path | None = Field(None, description="Folder of <slide_id>.geojson files.")
     classes: list[str] = Field(min_length=1, description="Label names; the index of a name is its class id.")
     mpp_overrides: dict[str, float] = Field(default_factory=dict, description="slide_id -> mpp.")
+    public: bool = Field(False, description="Declare these slides public data (e.g. open-access slides): a model "
+                         "trained on them without DP may initialise a private run (train.init_from).")
 
     @field_validator("classes")
     @classmethod
@@ -142,6 +144,11 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     compile: bool = False
     num_workers: int = Field(0, ge=0)
+    init_from: Path | None = Field(None, description="Public checkpoint to start from: a synthpath train folder or "
+                                   "its model.safetensors (pkg://package/path accepted). See synthpath.train.public_init.")
+
+
+TrainableName = Literal["all", "lora", "conditioning", "norms", "attention"]
 
 
 class PrivacyConfig(_Strict):
@@ -159,6 +166,22 @@ class PrivacyConfig(_Strict):
                              "no per-sample gradients, same mechanism; needed for multi-process DP).")
     label_share_budget: float = Field(0.05, gt=0, lt=0.5, description="Share of target_epsilon spent on the DP "
                                       "label shares (unused when generate.label_proportions is given).")
+    trainable: TrainableName | list[TrainableName] = Field(
+        "all", description="What training updates: all; conditioning, norms, attention (combinable as a list); "
+                           "lora (low-rank adapters on every conv and linear layer, combinable with the named parts).")
+    lora_rank: int = Field(4, ge=1, le=256, description="Rank of the low-rank adapters (privacy.trainable: lora).")
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_combination(cls, v: Any) -> Any:
+        names = [v] if isinstance(v, str) else list(v)
+        if not names:
+            raise ValueError("give at least one of all, lora, conditioning, norms, attention")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names repeat in {names}")
+        if "all" in names and len(names) > 1:
+            raise ValueError(f"'all' already trains everything; it cannot be combined with {names}")
+        return v
 
     @field_validator("delta")
     @classmethod
@@ -411,7 +434,7 @@ def _resolve_paths(data: dict, base: Path) -> None:
             if isinstance(s, dict):
                 fix(s, "path")
                 fix(s, "geojson")
-    for sec, key in (("audit", "encoder_checkpoint"), ("evaluate", "feature_checkpoint")):
+    for sec, key in (("audit", "encoder_checkpoint"), ("evaluate", "feature_checkpoint"), ("train", "init_from")):
         if isinstance(data.get(sec), dict):
             fix(data[sec], key)
 
@@ -434,6 +457,9 @@ def _filesystem_problems(r: Recipe) -> list[tuple[tuple, str]]:
                       (("evaluate", "feature_checkpoint"), r.evaluate.feature_checkpoint)):
         if path is not None and not checks.safe_exists(path, "file"):
             out.append((loc, f"checkpoint file does not exist: {path}"))
+    if r.train.init_from is not None and not checks.safe_exists(r.train.init_from):
+        out.append((("train", "init_from"), checks.missing_file(r.train.init_from, "checkpoint (a synthpath "
+                                                                               "train folder or .safetensors file)")))
     if "checkpoint" in r.audit.feature_spaces and r.audit.encoder_checkpoint is None:
         out.append((("audit", "feature_spaces"), "'checkpoint' needs audit.encoder_checkpoint"))
     for lab in (r.generate.label_proportions or {}):

@@ -52,7 +52,7 @@ UNET_DOWNSAMPLE = {"tiny": 8, "small": 16, "base": 32}
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
 #: Recipe keys that hold paths.
 PATH_KEYS = (("output_dir",), ("data", "slide_dir"), ("data", "labels_csv"), ("data", "geojson_dir"),
-             ("audit", "encoder_checkpoint"), ("evaluate", "feature_checkpoint"))
+             ("audit", "encoder_checkpoint"), ("evaluate", "feature_checkpoint"), ("train", "init_from"))
 
 
 # --------------------------------------------------------------------------- raw mapping

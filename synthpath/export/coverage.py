@@ -42,6 +42,28 @@ def _weights_row(num: Callable, ledger: dict | None) -> str:
             "post-processing")
 
 
+def _init_row(num: Callable, init: dict) -> str:
+    """How the public checkpoint the run started from (``train.init_from``) is covered."""
+    priv = init.get("privacy") or {}
+    who = (f"recipe `{init.get('recipe_name')}` (hash `{init.get('recipe_hash')}`), weights sha256 "
+           f"`{init.get('weights_sha256')}`")
+    if init.get("data_public"):
+        how = ("**public by declaration, not covered by ε**: its recipe declares its training data public "
+               "(`data.public: true`)")
+    elif priv.get("enabled"):
+        how = (f"**its own, separate DP guarantee, not this ε**: it was trained with DP at the {priv.get('unit')} "
+               f"level, ε = {num(priv.get('epsilon'), LEDGER, ['init_from', 'privacy', 'epsilon'])}, δ = "
+               f"{num(priv.get('delta'), LEDGER, ['init_from', 'privacy', 'delta'])}, on its own data")
+    else:
+        how = "**not covered**: neither declared public nor trained with DP (accepted only because this run is not DP)"
+    lab = init.get("label_embedding") or {}
+    if lab.get("adapted"):
+        how += (f"; classes differed, so only the label embedding was adapted (mapped by name: "
+                f"{', '.join(lab.get('mapped_by_name') or []) or 'none'}; re-initialised: "
+                f"{', '.join(lab.get('reinitialised') or []) or 'none'})")
+    return f"{how}; {who}"
+
+
 def _evaluate_row(recipe, evaluated: bool) -> str:
     if not recipe.evaluate.enabled:
         return "nothing: `evaluate.enabled` is false"
@@ -73,9 +95,15 @@ def coverage_section(num: Callable, *, recipe, ledger: dict | None, audit: dict,
                           "private `state/` folder and deleted when training finished."]
     else:
         lines.append("The model was trained without differential privacy: no ε covers anything below.")
+    init = (ledger or {}).get("init_from")
+    if init:
+        lines += ["", f"Training started from the public checkpoint `{init.get('path')}` (`train.init_from`)."
+                      + (" **ε covers the private fine-tuning data only**: not the data the initial checkpoint was "
+                         "trained on, which reached these weights before DP-SGD started." if dp else "")]
     audit_verdict = "passed" if audit.get("passed") else "FAILED"
     lines += ["", "| what reached the release | how it is covered |", "|---|---|",
               f"| model weights (every synthetic tile is sampled from them) | {_weights_row(num, ledger)} |",
+              *([f"| initial weights (`train.init_from`) | {_init_row(num, init)} |"] if init else []),
               f"| label shares (the class mix of the synthetic slides; label source: "
               f"{gen.get('label_source', 'not generated yet')}) | {_label_row(num, ledger, recipe)} |",
               f"| audit statistics and verdict (**{audit_verdict}**) | **not DP; disclosed**: the near-copy "

@@ -35,7 +35,9 @@ from ..models import build_model, save_checkpoint
 from ..pipeline import StageContext, StageError
 from . import distributed as D
 from . import dprandom
+from . import adapters as A
 from . import label_shares as L
+from . import public_init as PI
 from . import privacy as P
 from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker
 from .engine import PlainGradients, PrivateGradients, ghost_privacy, gradient_step
@@ -240,11 +242,16 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         model = build_model(mcfg.size, len(classes), tile_px).to(device)
     except ValueError as e:
         raise StageError(f"model.size={mcfg.size!r} with ingest tile_px={tile_px}: {e}") from None
+    init_prov = None
+    if tcfg.init_from is not None:  # before adapters and before Opacus wraps the model
+        init_prov = PI.init_model(tcfg.init_from, model, classes=classes, levels=levels, tile_px=tile_px,
+                                  dp=pcfg.enabled)
+    trainable = A.apply_trainable(model, pcfg.trainable, pcfg.lora_rank)
     model.train()
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # three streams: unit sampling (CPU), rows (tile draws, t, noise, dropout) and DP noise. The
     # rows stream is public (recipe seed); under DP, units and noise are secret (dprandom).
     gens = {"units": torch.Generator().manual_seed(recipe.seed * 1000 + 0),
@@ -305,9 +312,21 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
 
     picks = grid_conditions(dataset, len(classes))
     summary_base = {"classes": classes, "levels": levels, "tile_px": tile_px, "model_size": mcfg.size,
-                    "n_train_tiles": len(dataset), "n_train_patients": len(dataset.patients), "device": str(device)}
+                    "n_train_tiles": len(dataset), "n_train_patients": len(dataset.patients), "device": str(device),
+                    "recipe_name": recipe.name, "recipe_full_hash": recipe.full_hash(), "data_public": recipe.data.public,
+                    "init_from": init_prov, "trainable": trainable}
 
     def ledger() -> dict:
+        led = _ledger()
+        led["init_from"] = init_prov  # the public checkpoint's provenance (None: trained from scratch)
+        led["trainable"] = trainable
+        if init_prov is not None and dp:
+            led["epsilon_covers"] = ("the private fine-tuning data only; the initial checkpoint's data is "
+                                     + ("declared public" if init_prov.get("data_public") else
+                                        "covered by its own, separate DP guarantee"))
+        return led
+
+    def _ledger() -> dict:
         warns = list(rows.messages)
         if not dp:
             return P.ledger_public(len(dataset), warns)
@@ -331,7 +350,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         write_losses(workdir / "losses.csv", loss_rows)
         led = ledger()
         write_json(workdir / "ledger.json", led)
-        save_checkpoint(workdir, model, ema, {**summary_base, "steps": step, "seed": recipe.seed,
+        save_checkpoint(workdir, A.merged(model), A.merged(ema), {**summary_base, "steps": step, "seed": recipe.seed,
                                               "recipe_hash": recipe.section_hash("model", "train", "privacy"),
                                               "privacy": _privacy_brief(led, dp)})
 
@@ -385,7 +404,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
     extra = {**summary_base, "steps": step, "seed": recipe.seed,
              "recipe_hash": recipe.section_hash("model", "train", "privacy"), "privacy": _privacy_brief(led, dp)}
-    save_checkpoint(workdir, model, ema, extra)
+    save_checkpoint(workdir, A.merged(model), A.merged(ema), extra)  # adapters folded in: an ordinary model
     write_losses(workdir / "losses.csv", loss_rows)
     plot_losses(workdir / "loss.png", loss_rows, f"{recipe.name}: {mcfg.size} model" + (" (DP)" if dp else ""))
     write_json(workdir / "ledger.json", led)
