@@ -64,6 +64,22 @@ def model_cost(size: str, tile_px: int, num_classes: int = 2) -> dict:
     }
 
 
+TRAIN_FLOPS_PER_FORWARD = 3.0
+"""A training row costs a forward and a backward; the backward is two forwards' worth
+(activation and weight gradients), so 3x the forward FLOPs."""
+
+DP_STEP_OVERHEAD = {"hooks": 2.5, "ghost": 1.5}
+"""DP step time / non-DP step time assumed for planning, per ``privacy.clipping``. hooks:
+the middle of the 2.0-3.0x measured with Opacus hooks on one H100 (../shared/DESIGN.md);
+ghost: the ceiling the ghost-clipping step is built for (one extra activation backward and a
+weight-gradient pass: 4/3 in FLOPs; benchmarks/bench_dp.py measures it)."""
+
+
+def train_flops_per_row(size: str, tile_px: int, num_classes: int = 2) -> float:
+    """FLOPs to train on one row (one tile, one noise draw) without DP: 3x a forward."""
+    return TRAIN_FLOPS_PER_FORWARD * model_cost(size, tile_px, num_classes)["gflops"] * 1e9
+
+
 def cost_table(tile_px: int = 256, num_classes: int = 2) -> list[dict]:
     """:func:`model_cost` for every registered size."""
     return [model_cost(s, tile_px, num_classes) for s in SIZES]

@@ -69,7 +69,17 @@ def resolve_delta(delta: float | str, n_units: int) -> float:
     d = float(delta)
     if not 0 < d < 1:
         raise StageError(f"privacy.delta must be in (0, 1), got {delta}")
+    if d >= 1.0 / n_units:
+        raise StageError(f"privacy.delta={delta} is not below 1/n = 1/{n_units} = {1.0 / n_units:.4g} (n = {n_units} "
+                         f"training units): a delta that large allows releasing a whole unit's data outright; set "
+                         f"privacy.delta below {1.0 / n_units:.4g}, or 'auto' (1/(10 n) = "
+                         f"{1.0 / (AUTO_DELTA_FACTOR * n_units):.4g})")
     return d
+
+
+def delta_rule(delta: float | str, unit: str) -> str:
+    """How delta was chosen, as the ledger states it."""
+    return f"auto: 1/({AUTO_DELTA_FACTOR} n_{unit}s)" if delta == "auto" else f"given; checked below 1/n_{unit}s"
 
 
 def epsilon_of(history: list, delta: float, accountant: str) -> float:
@@ -85,42 +95,104 @@ def _epsilon(history: tuple, delta: float, accountant: str) -> float:
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(h[0], h[1], int(h[2])) for h in history]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np_errstate():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP bound note
+        warnings.filterwarnings("ignore", category=RuntimeWarning)  # PRV at q = 1 takes log(0) harmlessly
         return float(acc.get_epsilon(delta=delta))
+
+
+def np_errstate():
+    import numpy as np
+
+    return np.errstate(divide="ignore", invalid="ignore")
 
 
 @functools.lru_cache(maxsize=64)
 def calibrate_sigma(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str, n_units: int, unit: str) -> float:
+                    accountant: str, n_units: int, unit: str, prior: tuple = ()) -> float:
     """The noise multiplier that spends exactly ``target_epsilon`` over ``steps`` steps,
-    (memoised: a pure function of its arguments, and the search is slow) or a StageError naming the recipe knob to change when that cannot be reached."""
-    from opacus.accountants.utils import get_noise_multiplier
+    (memoised: a pure function of its arguments, and the search is slow) or a StageError naming the recipe knob to change when that cannot be reached.
 
+    ``prior``: accountant entries ``(sigma, q, steps)`` of mechanisms composed with training in
+    the same accountant (the DP label shares); sigma is then searched so that the *composed*
+    epsilon meets the target."""
     knobs = ("lower train.steps or train.batch_size, or raise privacy.target_epsilon "
              f"(now steps={steps}, q={sample_rate:.4g} over {n_units} {unit}s, target epsilon={target_epsilon})")
+    if prior:
+        knobs += ("; part of the budget goes to the DP label shares: lower privacy.label_share_budget or set "
+                  "generate.label_proportions")
     if not 0 < sample_rate < 1:
         raise StageError(
             f"privacy: the sampling rate q = train.batch_size / number of {unit}s = {sample_rate:.4g} must be below 1 "
             f"for subsampled DP-SGD; lower train.batch_size below the {n_units} training {unit}s")
+    base = [tuple(float(v) for v in p) for p in prior]
+
+    def eps(sig: float) -> float:
+        return epsilon_of(base + [(sig, sample_rate, steps)], delta, accountant)
+
     try:
-        # one evaluation at a noise level past any useful training decides infeasible targets
-        # quickly (Opacus' own search doubles sigma up to 1e6, which can take minutes)
-        floor = epsilon_of([(SIGMA_CAP, sample_rate, steps)], delta, accountant)
+        sigma = _solve_sigma(eps, target_epsilon, tol=0.995)
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
         raise StageError(f"privacy accounting failed ({e}); {knobs}") from None
-    if floor > target_epsilon:
+    if sigma is None:
+        floor = eps(SIGMA_CAP)
         raise StageError(f"privacy.target_epsilon={target_epsilon} cannot be reached: even noise multiplier "
                          f"{SIGMA_CAP:g} spends epsilon={floor:.3g} at delta={delta:.3g}; {knobs}")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                               sample_rate=sample_rate, steps=steps, accountant=accountant))
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
-        raise StageError(f"privacy.target_epsilon cannot be reached ({e}); {knobs}") from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise StageError(f"privacy.target_epsilon cannot be reached (sigma search gave {sigma}); {knobs}")
+    return sigma
+
+
+def _solve_sigma(eps, target: float, *, tol: float) -> float | None:
+    """The noise multiplier s with ``tol * target <= eps(s) <= target`` (eps decreasing in s),
+    by bracketing and the Illinois method on log s: a handful of accountant calls, where
+    plain bisection needs dozens (each is slow). None when even ``SIGMA_CAP`` spends more."""
+    lo, f_lo = None, None
+    hi = 1.0
+    f_hi = eps(hi) - target
+    while f_hi > 0:  # too little noise: go up
+        lo, f_lo = hi, f_hi
+        if hi >= SIGMA_CAP:
+            return None
+        hi = min(hi * 4, SIGMA_CAP)
+        f_hi = eps(hi) - target
+    while lo is None:  # enough noise already: go down until it is too little
+        cand = hi / 4
+        if cand < 1e-3:
+            return float(hi)
+        f = eps(cand) - target
+        if f > 0:
+            lo, f_lo = cand, f
+        else:
+            hi, f_hi = cand, f
+    a, fa, b, fb = math.log(lo), f_lo, math.log(hi), f_hi  # fa > 0 >= fb
+    side = 0
+    for _ in range(60):
+        if fb >= -(1 - tol) * target:
+            break
+        c = b - fb * (b - a) / (fb - fa)
+        if not a < c < b:
+            c = 0.5 * (a + b)
+        fc = eps(math.exp(c)) - target
+        if fc > 0:
+            a, fa = c, fc
+            if side == -1:
+                fb /= 2
+            side = -1
+        else:
+            b, fb = c, fc
+            if side == 1:
+                fa /= 2
+            side = 1
+        if b - a < 1e-9:
+            break
+    return float(math.exp(b))
+
+
+def gaussian_sigma(*, epsilon: float, delta: float, accountant: str) -> float:
+    """Noise multiplier of one Gaussian mechanism (sensitivity 1, no subsampling) that spends
+    ``epsilon`` at ``delta`` under ``accountant`` (never above, within 0.1%)."""
+    sigma = _solve_sigma(lambda s: epsilon_of([(s, 1.0, 1)], delta, accountant), epsilon, tol=0.999)
+    if sigma is None:
+        raise StageError(f"a Gaussian mechanism cannot reach epsilon={epsilon:.3g} at delta={delta:.3g}")
     return sigma
 
 
@@ -143,6 +215,7 @@ class PrivacyPlan:
     secure_mode: bool
     delta_rule: str
     warnings: list[str] = field(default_factory=list)
+    prior: list = field(default_factory=list)  # label shares' accountant entries, composed with training
 
 
 def unit_warnings(unit: str, n_units: int) -> list[str]:
@@ -160,19 +233,22 @@ def unit_warnings(unit: str, n_units: int) -> list[str]:
     return out
 
 
-def plan_patient_privacy(pcfg, *, n_patients: int, batch_size: int, steps: int) -> PrivacyPlan:
-    """Plan patient-level DP: q = batch_size / n_patients, sigma for the target epsilon."""
+def plan_patient_privacy(pcfg, *, n_patients: int, batch_size: int, steps: int,
+                         prior: list | tuple = ()) -> PrivacyPlan:
+    """Plan patient-level DP: q = batch_size / n_patients, sigma for the target epsilon
+    (composed with ``prior`` accountant entries, when given)."""
     delta = resolve_delta(pcfg.delta, n_patients)
     q = batch_size / n_patients
     sigma = calibrate_sigma(target_epsilon=pcfg.target_epsilon, delta=delta, sample_rate=q, steps=steps,
-                            accountant=pcfg.accountant, n_units=n_patients, unit="patient")
+                            accountant=pcfg.accountant, n_units=n_patients, unit="patient",
+                            prior=tuple(tuple(p) for p in prior))
     return PrivacyPlan(
         unit="patient", n_units=n_patients, sample_rate=q, expected_units=q * n_patients, sigma=sigma,
         delta=delta, target_epsilon=pcfg.target_epsilon, steps=steps, max_grad_norm=pcfg.max_grad_norm,
         noise_multiplicity=pcfg.noise_multiplicity, tiles_per_patient=pcfg.tiles_per_patient,
         accountant=pcfg.accountant, secure_mode=pcfg.secure_mode,
-        delta_rule="auto: 1/(10 n_patients)" if pcfg.delta == "auto" else "given",
-        warnings=unit_warnings("patient", n_patients),
+        delta_rule=delta_rule(pcfg.delta, "patient"),
+        warnings=unit_warnings("patient", n_patients), prior=[list(p) for p in prior],
     )
 
 
@@ -236,12 +312,22 @@ def clip_sum_units(unit_grads: list[torch.Tensor], max_grad_norm: float) -> list
 
 
 # --------------------------------------------------------------------------- ledger
-def ledger_private(plan: PrivacyPlan, history: list, steps_done: int, extra_warnings: list[str]) -> dict:
-    """The privacy ledger of a DP run, with epsilon recomputed from the accountant history."""
-    eps = epsilon_of(history, plan.delta, plan.accountant)
+def ledger_private(plan: PrivacyPlan, history: list, steps_done: int, extra_warnings: list[str],
+                   extra: dict | None = None) -> dict:
+    """The privacy ledger of a DP run, with epsilon recomputed from the accountant history.
+
+    ``epsilon`` is the ONE total of everything private that is released: the training
+    history composed with ``plan.prior`` (the DP label shares) in one accountant. ``extra``
+    (label shares, randomness, group privacy) is merged in as is."""
+    prior = [tuple(p) for p in plan.prior]
+    eps = epsilon_of(prior + [tuple(h) for h in history], plan.delta, plan.accountant)
     d = asdict(plan)
     planned = d.pop("steps")
+    d.pop("prior")
     warns = list(dict.fromkeys(d.pop("warnings") + list(extra_warnings)))
+    parts = {"training": epsilon_of(history, plan.delta, plan.accountant)}
+    if prior:
+        parts["label_shares"] = epsilon_of(prior, plan.delta, plan.accountant)
     return {
         "enabled": True,
         "epsilon": eps,
@@ -249,6 +335,9 @@ def ledger_private(plan: PrivacyPlan, history: list, steps_done: int, extra_warn
         "steps": steps_done,
         "planned_steps": planned,
         "history": [list(h) for h in history],
+        "composed_history": [list(h) for h in prior] + [list(h) for h in history],
+        "epsilon_alone": parts,
+        **(extra or {}),
         "opacus_version": opacus_version(),
         "normalisation": "sum of clipped unit gradients plus noise, divided by the expected units q*n",
         "warnings": warns,
@@ -267,3 +356,17 @@ def ledger_public(unit_count: int, extra_warnings: list[str] | None = None) -> d
         "warnings": [NO_GUARANTEE] + list(extra_warnings or []),
     }
 
+
+
+def group_privacy(epsilon: float, delta: float, levels: list[float]) -> dict:
+    """Group privacy for one coarse tile's family at ``unit: tile``.
+
+    A coarse tile is also the parent crop that conditions its ``r^2`` children one level
+    finer (``r`` = the zoom between the two coarsest levels), so it touches ``1 + r^2`` units.
+    For a group of ``k`` units, (epsilon, delta)-DP gives (k epsilon, k e^((k-1) epsilon) delta)-DP."""
+    r = int(round(levels[0] / levels[1])) if len(levels) > 1 else 0
+    k = 1 + r * r
+    d = k * math.exp(min((k - 1) * epsilon, 700.0)) * delta
+    return {"group_size": k, "zoom": r, "epsilon": k * epsilon, "delta": d,
+            "rule": "(k epsilon, k e^((k-1) epsilon) delta) for a group of k = 1 + r^2 units",
+            "meaningful": bool(d < 1.0)}

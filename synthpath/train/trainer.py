@@ -33,10 +33,14 @@ import torch
 from ..atomic import write_json
 from ..models import build_model, save_checkpoint
 from ..pipeline import StageContext, StageError
+from . import distributed as D
+from . import dprandom
+from . import label_shares as L
 from . import privacy as P
 from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker
-from .engine import PlainGradients, PrivateGradients, gradient_step
+from .engine import PlainGradients, PrivateGradients, ghost_privacy, gradient_step
 from .report import grid_conditions, plot_losses, read_losses, sample_grid, write_losses
+from .guard import DONE, check_resume, read_done, remove_temp_files, settings_of
 from .state import load_state, restore, save_state
 
 log = logging.getLogger("synthpath.train")
@@ -75,9 +79,11 @@ class Setup:
 
 
 def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset,
-                    gens: dict[str, torch.Generator], device: torch.device) -> Setup:
+                    gens: dict[str, torch.Generator], device: torch.device, prior: list | tuple = (),
+                    dist: D.DistContext | None = None) -> Setup:
     """Wrap ``model``/``optimizer`` for the recipe's privacy setting. The only place where a
-    private run differs from a non-private one."""
+    private run differs from a non-private one. ``prior``: accountant entries composed with
+    training (the DP label shares), so that the total meets ``privacy.target_epsilon``."""
     tcfg, pcfg = recipe.train, recipe.privacy
     if not pcfg.enabled:
         module = model
@@ -85,6 +91,8 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
             module = torch.compile(model)
         grads = PlainGradients(model, optimizer, max_units=tcfg.physical_batch_size, grad_clip=tcfg.grad_clip,
                                module=module)
+        if dist is not None and dist.active:
+            grads.reduce = dist.all_reduce_sum
         n = len(dataset)
         return Setup(grads, lambda left: FixedSizeSampler(n, tcfg.batch_size, gens["units"]), n, "tile", None, None)
 
@@ -93,11 +101,20 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
         log.warning("train.compile is ignored under DP: Opacus' per-sample hooks need the eager model")
     noise_gen = gens["noise"]
     K = pcfg.noise_multiplicity
-    if pcfg.unit == "tile":
-        plan, grads, accountant = _tile_privacy(recipe, model, optimizer, dataset, noise_gen)
+    multi = dist is not None and dist.active
+    if multi and pcfg.clipping != "ghost":
+        raise StageError(f"training with DP on {dist.world} processes needs privacy.clipping: ghost (the noise is "
+                         f"added once, by rank 0, before the all-reduce); got {pcfg.clipping!r}")
+    if pcfg.clipping == "ghost":
+        plan, grads, accountant = ghost_privacy(recipe, model, optimizer, dataset, noise_gen, prior,
+                                                reduce=dist.all_reduce_sum if multi else None,
+                                                add_noise=dist is None or dist.main)
+        max_units = max(1, tcfg.physical_batch_size // (K * (pcfg.tiles_per_patient if pcfg.unit == "patient" else 1)))
+    elif pcfg.unit == "tile":
+        plan, grads, accountant = _tile_privacy(recipe, model, optimizer, dataset, noise_gen, prior)
         max_units = max(1, tcfg.physical_batch_size // K)
     else:
-        plan, grads, accountant = _patient_privacy(recipe, model, optimizer, dataset, noise_gen)
+        plan, grads, accountant = _patient_privacy(recipe, model, optimizer, dataset, noise_gen, prior)
         max_units = max(1, tcfg.physical_batch_size // (K * pcfg.tiles_per_patient))
     grads.max_units = max_units
     rows_per_unit = K * (pcfg.tiles_per_patient if pcfg.unit == "patient" else 1)
@@ -110,8 +127,10 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
 
 
 
-def _tile_privacy(recipe, model, optimizer, dataset, noise_gen):
-    """Tile-level DP through Opacus' ``PrivacyEngine.make_private_with_epsilon``."""
+def _tile_privacy(recipe, model, optimizer, dataset, noise_gen, prior=()):
+    """Tile-level DP through Opacus' ``PrivacyEngine.make_private`` (Poisson sampling over
+    tiles at Opacus' rate 1 / number of batches), with sigma calibrated here so that training
+    composed with ``prior`` spends exactly the target epsilon."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
@@ -122,23 +141,21 @@ def _tile_privacy(recipe, model, optimizer, dataset, noise_gen):
     if n_batches <= 1:
         raise StageError(f"privacy: train.batch_size={tcfg.batch_size} covers all {n} training tiles, so the "
                          f"sampling rate would be 1; lower train.batch_size")
+    q = 1.0 / n_batches
+    sigma = P.calibrate_sigma(target_epsilon=pcfg.target_epsilon, delta=delta, sample_rate=q, steps=tcfg.steps,
+                              accountant=pcfg.accountant, n_units=n, unit="tile",
+                              prior=tuple(tuple(p) for p in prior))
     engine = PrivacyEngine(accountant=pcfg.accountant, secure_mode=False)
     loader = DataLoader(dataset, batch_size=tcfg.batch_size)
-    # Opacus takes epochs and uses steps = int(epochs / q); +0.5 keeps that int exactly `steps`.
-    epochs = (tcfg.steps + 0.5) / n_batches
-    try:
-        gsm, dp_opt, dp_loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=pcfg.target_epsilon,
-            target_delta=delta, epochs=epochs, max_grad_norm=pcfg.max_grad_norm, loss_reduction="sum",
-            poisson_sampling=True, noise_generator=None if pcfg.secure_mode else noise_gen)
-    except ValueError as e:
-        raise StageError(f"privacy.target_epsilon={pcfg.target_epsilon} cannot be reached with train.steps="
-                         f"{tcfg.steps} and train.batch_size={tcfg.batch_size} over {n} tiles ({e}); lower "
-                         f"train.steps or train.batch_size, or raise privacy.target_epsilon") from None
+    gsm, dp_opt, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=pcfg.max_grad_norm, loss_reduction="sum", poisson_sampling=True,
+        noise_generator=None if pcfg.secure_mode else noise_gen)
     if pcfg.secure_mode:
         dp_opt.generator = noise_gen  # the CSPRNG (PrivacyEngine itself was built without secure_mode)
         dp_opt.secure_mode = True
-    q = float(dp_loader.sample_rate)
+    if abs(float(dp_loader.sample_rate) - q) > 1e-12:
+        raise RuntimeError(f"Opacus' sample rate {dp_loader.sample_rate} differs from the planned {q}")
     # Opacus issue #819: hooks see raw per-sample gradients (sum); the noised sum is divided by
     # the expected batch q*n, a public constant, never by the realised Poisson batch.
     dp_opt.loss_reduction = "mean"
@@ -147,12 +164,12 @@ def _tile_privacy(recipe, model, optimizer, dataset, noise_gen):
         unit="tile", n_units=n, sample_rate=q, expected_units=q * n, sigma=float(dp_opt.noise_multiplier),
         delta=delta, target_epsilon=pcfg.target_epsilon, steps=tcfg.steps, max_grad_norm=pcfg.max_grad_norm,
         noise_multiplicity=pcfg.noise_multiplicity, tiles_per_patient=None, accountant=pcfg.accountant,
-        secure_mode=pcfg.secure_mode, delta_rule="auto: 1/(10 n_tiles)" if pcfg.delta == "auto" else "given",
-        warnings=P.unit_warnings("tile", n))
+        secure_mode=pcfg.secure_mode, delta_rule=P.delta_rule(pcfg.delta, "tile"),
+        warnings=P.unit_warnings("tile", n), prior=[list(p) for p in prior])
     return plan, PrivateGradients(gsm, dp_opt, engine.accountant, max_units=1), engine.accountant
 
 
-def _patient_privacy(recipe, model, optimizer, dataset, noise_gen):
+def _patient_privacy(recipe, model, optimizer, dataset, noise_gen, prior=()):
     """Patient-level DP assembled from Opacus parts: GradSampleModule, DPOptimizer, accountant."""
     from opacus import GradSampleModule
     from opacus.accountants import create_accountant
@@ -160,7 +177,7 @@ def _patient_privacy(recipe, model, optimizer, dataset, noise_gen):
 
     tcfg, pcfg = recipe.train, recipe.privacy
     n = len(dataset.patients)
-    plan = P.plan_patient_privacy(pcfg, n_patients=n, batch_size=tcfg.batch_size, steps=tcfg.steps)
+    plan = P.plan_patient_privacy(pcfg, n_patients=n, batch_size=tcfg.batch_size, steps=tcfg.steps, prior=prior)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     dp_opt = DPOptimizer(optimizer, noise_multiplier=plan.sigma, max_grad_norm=plan.max_grad_norm,
                          expected_batch_size=plan.expected_units, loss_reduction="mean",
@@ -181,11 +198,16 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
 
 
 def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, dp_seed: int | None = None) -> dict:
     """Train (or resume training) into ``workdir``; returns the stage summary.
 
     ``stop_after``: save the resumable state after that many steps in total and raise
     :class:`TrainingInterrupted` (a test and ops hook that behaves like an interruption).
+    ``dp_seed``: TESTS ONLY -- seed the private DP streams (unit sampling, noise) with this
+    instead of OS entropy (also read from ``$SYNTHPATH_TEST_DP_SEED``); the ledger then says
+    ``"test seed, not private"`` and carries a warning (see :mod:`synthpath.train.dprandom`).
+    A saved state is resumed only if it was made with the same model, train and privacy
+    settings (:mod:`synthpath.train.guard`).
     """
     from ..tiles.dataset import TileDataset
     from ..tiles.store import TileStoreError
@@ -193,6 +215,15 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tcfg, pcfg, mcfg = recipe.train, recipe.privacy, recipe.model
+    settings = settings_of(recipe)
+    state_dir = workdir / "state"
+    done = read_done(workdir, settings)
+    if done is not None:  # killed after the end of training, before the stage was finalised
+        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_temp_files(workdir)
+        log.info("training in %s had already finished (%s); not training again", workdir, DONE)
+        return done
+    remove_temp_files(workdir)  # what a killed writer left behind
     try:
         dataset = TileDataset(store_dir, split="train")
     except (TileStoreError, OSError) as e:
@@ -202,7 +233,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     classes = list(dataset.store.classes)
     levels = list(dataset.levels)
     tile_px = int(dataset.tile_px)
-    device = resolve_device(tcfg.device)
+    dist, device = D.context(resolve_device(tcfg.device))  # torchrun / srun: one process per device
 
     seed_everything(recipe.seed)
     try:
@@ -214,17 +245,25 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     for p in ema.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    # three independent streams: unit sampling (CPU), rows (tile draws, t, noise, dropout) and DP noise
+    # three streams: unit sampling (CPU), rows (tile draws, t, noise, dropout) and DP noise. The
+    # rows stream is public (recipe seed); under DP, units and noise are secret (dprandom).
     gens = {"units": torch.Generator().manual_seed(recipe.seed * 1000 + 0),
-            "rows": torch.Generator(device=device).manual_seed(recipe.seed * 1000 + 1),
-            "noise": torch.Generator(device=device).manual_seed(recipe.seed * 1000 + 2)}
+            "rows": torch.Generator(device=device).manual_seed(recipe.seed * 1000 + 1)}
     secure = pcfg.enabled and pcfg.secure_mode
-    if secure:
-        # Opacus' secure mode: unit sampling and noise from a CSPRNG (these two streams then cannot
-        # be saved, so a resumed run is private but not bit-identical to an uninterrupted one)
-        gens["units"] = gens["noise"] = P.secure_generator()
+    randomness, noise_note = None, None
+    label_block, prior = None, []
+    if pcfg.enabled:
+        injected = dp_seed if dp_seed is not None else dprandom.injected_seed_from_env()
+        private, randomness, noise_note = dprandom.private_streams(device, secure=secure, test_seed=injected)
+        gens.update(private)
+        n_units = len(dataset.patients) if pcfg.unit == "patient" else len(dataset)
+        if recipe.generate.label_proportions:
+            label_block = L.public_label_shares(recipe.generate.label_proportions)
+        else:
+            label_block = L.plan_label_shares(pcfg, P.resolve_delta(pcfg.delta, n_units))
+            prior = label_block["history"]
 
-    setup = build_gradients(recipe, model, optimizer, dataset, gens, device)
+    setup = build_gradients(recipe, model, optimizer, dataset, gens, device, prior=prior, dist=dist)
     dp = setup.plan is not None
     K = pcfg.noise_multiplicity if dp else 1
     rows = RowMaker(dataset, unit=setup.unit if dp else "tile", noise_multiplicity=K,
@@ -241,19 +280,26 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
                  setup.plan.max_grad_norm, setup.plan.noise_multiplicity)
 
     # ---------------------------------------------------------------- resume
-    state_dir = workdir / "state"
     start, history = 0, []
     loss_rows: list[dict] = []
     st = load_state(state_dir)
     if st is not None:
-        extra = restore(st, model=model, ema=ema, optimizer=setup.grads.optimizer, generators=saved_gens,
-                        device=device)
+        extra = st["meta"].get("extra", {})
+        saved_hist = [tuple(h) for h in extra.get("history", [])]
+        check_resume(state_dir, extra, settings, step=st["step"], dp=dp, steps_in_history=_steps_in(saved_hist))
+        restore(st, model=model, ema=ema, optimizer=setup.grads.optimizer, generators=saved_gens, device=device)
         start = st["step"]
-        history = [tuple(h) for h in extra.get("history", [])]
+        history = saved_hist
         if setup.accountant is not None:
             setup.accountant.history = list(history)
-        loss_rows = read_losses(workdir / "losses.csv", start)
+        loss_rows = extra["losses"] if "losses" in extra else read_losses(workdir / "losses.csv", start)
+        if dp:
+            label_block, randomness = extra.get("label_shares", label_block), extra.get("dp_randomness", randomness)
         log.info("resuming training at step %d of %d", start, tcfg.steps)
+    elif label_block is not None and label_block["source"] == "dp":
+        # the label shares' noise is the first draw of the private noise stream
+        label_block = L.release_label_shares(label_block, L.unit_label_vectors(dataset, setup.unit, len(classes)),
+                                             gens["noise"])
     if start > tcfg.steps:
         raise StageError(f"the saved state is at step {start}, past train.steps={tcfg.steps}")
 
@@ -265,13 +311,23 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         warns = list(rows.messages)
         if not dp:
             return P.ledger_public(len(dataset), warns)
+        if randomness == dprandom.TEST_SEED:
+            warns.append(dprandom.TEST_WARNING)
         hist = setup.accountant.history if setup.accountant is not None else []
-        return P.ledger_private(setup.plan, hist, _steps_in(hist), warns)
+        extra = {"label_shares": label_block, "dp_randomness": randomness, "noise_source": noise_note}
+        led = P.ledger_private(setup.plan, hist, _steps_in(hist), warns, extra=extra)
+        if randomness == dprandom.TEST_SEED:  # first, where nobody can miss it
+            led["warnings"] = [dprandom.TEST_WARNING] + [w for w in led["warnings"] if w != dprandom.TEST_WARNING]
+        if setup.plan.unit == "tile":
+            led["group_privacy"] = P.group_privacy(led["epsilon"], led["delta"], levels)
+        return led
 
     def checkpoint(step: int) -> None:
         hist = list(setup.accountant.history) if setup.accountant is not None else []
         save_state(state_dir, step=step, model=model, ema=ema, optimizer_state=setup.grads.optimizer.state_dict(),
-                   generators=saved_gens, extra={"history": [list(h) for h in hist]})
+                   generators=saved_gens, extra={"history": [list(h) for h in hist], "settings": settings,
+                                                 "losses": loss_rows, "label_shares": label_block,
+                                                 "dp_randomness": randomness})
         write_losses(workdir / "losses.csv", loss_rows)
         led = ledger()
         write_json(workdir / "ledger.json", led)
@@ -292,8 +348,9 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         while step < tcfg.steps:
             if dp and _steps_in(setup.accountant.history) >= setup.plan.steps:
                 break  # never train past the budget
-            units = sampler.draw()
-            out = gradient_step(setup.grads, units, rows, loss_fn)
+            units = dist.broadcast_object(sampler.draw() if dist.main else None)  # global sampling, rank 0
+            out = gradient_step(setup.grads, units, rows, loss_fn, dist=dist,
+                                reseed=lambda j: gens["rows"].manual_seed(D.chunk_seed(recipe.seed, step, j)))
             if not out["stepped"]:
                 raise RuntimeError("the optimiser did not step at the end of a logical batch")
             step += 1
@@ -304,11 +361,13 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
                 if step % tcfg.log_every == 0 or step == tcfg.steps:
                     recent = [r["loss"] for r in loss_rows[-tcfg.log_every:] if math.isfinite(r["loss"])]
                     bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan")
-            if step % tcfg.sample_every == 0:
+            if step % tcfg.sample_every == 0 and dist.main:
                 sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
-            if step % tcfg.checkpoint_every == 0 or step == stop_after:
+            # the last step is always saved, so a kill while finishing resumes at the end, not at 0
+            if (step % tcfg.checkpoint_every == 0 or step == stop_after or step == tcfg.steps) and dist.main:
                 checkpoint(step)
             if stop_after is not None and step >= stop_after and step < tcfg.steps:
+                dist.barrier()
                 raise TrainingInterrupted(f"training stopped after step {step} on request; run again to resume")
     finally:
         if bar is not None:
@@ -319,6 +378,9 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     if dp and led["epsilon"] > setup.plan.target_epsilon + 0.05:
         raise StageError(f"privacy accounting spent epsilon={led['epsilon']:.3f}, above the target "
                          f"{setup.plan.target_epsilon}; the train stage does not finish")
+    if not dist.main:  # rank 0 writes every artifact, once; the other ranks end with it
+        dist.barrier()
+        return {**summary_base, "steps": step, "rank": dist.rank, "world_size": dist.world}
     if not (workdir / "samples" / f"step_{step:05d}.png").exists():
         sample_grid(ema, dataset, picks, len(classes), device, workdir / "samples" / f"step_{step:05d}.png", step)
     extra = {**summary_base, "steps": step, "seed": recipe.seed,
@@ -329,8 +391,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     write_json(workdir / "ledger.json", led)
     first = [r["loss"] for r in loss_rows[: max(1, len(loss_rows) // 10)] if math.isfinite(r["loss"])]
     last = [r["loss"] for r in loss_rows[-max(1, len(loss_rows) // 10):] if math.isfinite(r["loss"])]
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return {
+    summary = {
         **summary_base,
         "steps": step,
         "seconds_this_run": round(time.time() - t0, 2),
@@ -340,6 +401,11 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
                                             "sample_rate", "accountant")},
         "warnings": led.get("warnings", []),
     }
+    write_json(workdir / DONE, {"settings": settings, "summary": summary})  # before the state goes
+    shutil.rmtree(state_dir, ignore_errors=True)
+    remove_temp_files(workdir)
+    dist.barrier()
+    return summary
 
 
 def _privacy_brief(led: dict, dp: bool) -> dict:

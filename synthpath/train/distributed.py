@@ -1,0 +1,112 @@
+"""Data-parallel training: one process per GPU through ``torchrun`` (or Slurm's ``srun``).
+
+The environment names the process: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
+``MASTER_PORT`` (torchrun), or ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` with
+``MASTER_ADDR``/``MASTER_PORT`` exported by the batch script (srun). ``torch.distributed``
+runs on NCCL with GPUs and gloo on the CPU.
+
+One logical step on ``W`` processes (see docs/architecture.md, "Training on several GPUs"):
+
+1. rank 0 draws the step's units (Poisson under DP, from its private stream) and broadcasts
+   the list: the sampling is global, so the accountant's q is the one used;
+2. the batch is cut into the same physical chunks as on one process, and chunk ``j`` goes to
+   rank ``j mod W``; the public row randomness of a chunk (tile draws, t, noise, dropout) is
+   seeded from (recipe seed, step, j), so a chunk's rows are the same whichever rank runs it;
+3. every rank accumulates its chunks' gradients (non-DP: the mean's share; DP: the sum of
+   clipped unit gradients, each whole unit -- every row of a tile or a patient -- on one rank);
+4. under DP, rank 0 adds the Gaussian noise, drawn from its private stream, to its own sum;
+5. one all-reduce (sum) of the flattened gradient, the same on every rank afterwards, so the
+   optimiser step leaves every replica identical (what DDP's gradient averaging does; done
+   once per logical step after accumulation, which also allows ranks with different numbers
+   of chunks under Poisson sampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def broadcast_object(self, obj):
+        """``obj`` from rank 0 on every rank."""
+        if not self.active:
+            return obj
+        box = [obj if self.main else None]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Element-wise sums over ranks, in one flat all-reduce."""
+        if not self.active or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+            i += t.numel()
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def my_chunks(self, chunks: list) -> list[tuple[int, list]]:
+        """``(global chunk index, chunk)`` for the chunks this rank runs."""
+        return [(j, c) for j, c in enumerate(chunks) if j % self.world == self.rank]
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's or Slurm's environment; (0, 1, 0) if neither."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def context(device: torch.device) -> tuple[DistContext, torch.device]:
+    """Join (or create) the process group the environment describes; returns the context and
+    this process's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    rank, world, local = env_world()
+    if world <= 1:
+        return DistContext(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    if tdist.get_world_size() != world or tdist.get_rank() != rank:
+        raise RuntimeError(f"process group is rank {tdist.get_rank()} of {tdist.get_world_size()}, "
+                           f"the environment says {rank} of {world}")
+    ctx = DistContext(rank=rank, world=world, local_rank=local)
+    ctx.barrier()
+    return ctx, device
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """Seed of a chunk's public row randomness: a stable hash of (recipe seed, step, chunk)."""
+    h = hashlib.sha256(f"synthpath-rows/{seed}/{step}/{chunk}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
