@@ -117,3 +117,31 @@ def test_batches_fill_across_slides(m32):
 def test_label_equal_to_num_classes_is_an_error(m32):
     with pytest.raises(StageError, match="outside the model's 2 classes"):
         synthesize_slide(m32, 2, (1, 1), [1.0], seed=0, sampler=FAST)
+
+
+def test_prepare_model_for_sampling(m32):
+    from synthpath.models import prepare_model
+    from synthpath.models.unet import unwrap
+
+    m = prepare_model(m32, "cpu")
+    assert not m.training and not any(p.requires_grad for p in m.parameters())
+    assert unwrap(m).config["tile_px"] == 32
+
+
+def test_feathered_seams_are_scored_over_their_band():
+    from synthpath.generate.quality import pyramid_seams
+    from synthpath.generate.synthesis import Pyramid
+
+    # two 32 px tiles at x = 0 and 16 (overlap 16 of a 48 px level): the second's own pixels
+    # begin at x = 32; a hard step there scores high at that line, a linear ramp over the
+    # 8 px before it scores low over the band
+    hard = np.zeros((32, 48, 3), np.uint8)
+    hard[:, 32:] = 120
+    ramp = hard.copy()
+    ramp[:, 24:32] = (np.arange(1, 9) * 120 // 9)[None, :, None]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 20, hard.shape).astype(np.uint8)
+    kw = dict(mpp=[1.0], tile_px=32, seed=0, label=None, overlap=16)
+    s_hard = pyramid_seams(Pyramid(levels=[hard + noise], seams="inpaint", **kw))[0]["seam"]
+    s_ramp = pyramid_seams(Pyramid(levels=[ramp + noise], seams="feather", feather_px=8, **kw))[0]["seam"]
+    assert s_hard > 5 * s_ramp  # 120 levels at one line vs 15 per line over 8 lines

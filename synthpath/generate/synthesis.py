@@ -137,15 +137,27 @@ def _label_index(label: int | None, num_classes: int) -> int:
     return int(label)
 
 
+_FEATHER_CACHE: dict[tuple[int, tuple[int, ...], bytes], np.ndarray] = {}
+
+
 def feather_weights(mask: np.ndarray, feather_px: int) -> np.ndarray:
     """float32 [px, px] replacement weights: 1 on known pixels more than ``feather_px`` px
-    from the unknown region, ramping linearly to 1 / (feather_px + 1) at its edge, 0 outside."""
+    from the unknown region, ramping linearly to 1 / (feather_px + 1) at its edge, 0 outside.
+    Cached by mask: a slide has only a handful of neighbour patterns (a distance transform
+    of a 256 px tile costs ~7 ms of CPU; the cache lookup ~0.1 ms)."""
     if feather_px <= 0 or not mask.any():
         return mask.astype(np.float32)
     if mask.all():
         return np.ones_like(mask, dtype=np.float32)
-    d = distance_transform_edt(mask > 0)
-    return np.clip(d / (feather_px + 1), 0.0, 1.0).astype(np.float32)
+    key = (int(feather_px), mask.shape, np.packbits(mask > 0).tobytes())
+    hit = _FEATHER_CACHE.get(key)
+    if hit is None:
+        d = distance_transform_edt(mask > 0)
+        hit = np.clip(d / (feather_px + 1), 0.0, 1.0).astype(np.float32)
+        if len(_FEATHER_CACHE) >= 512:
+            _FEATHER_CACHE.clear()
+        _FEATHER_CACHE[key] = hit
+    return hit
 
 
 class _Slide:
