@@ -34,6 +34,7 @@ def _write_recipe(out: Path) -> Path:
     raw["audit"].update({"mia_max_tiles": 24, "max_closer_to_train": 1.0, "max_mia_auc": 1.0, "max_mia_tpr": 1.0,
                          "device": "cpu"})
     raw["export"]["slides"] = True
+    raw["generate"]["mode"] = "slides"  # the TIFF holds whole slides
     raw["evaluate"]["enabled"] = False
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
