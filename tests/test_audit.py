@@ -165,7 +165,7 @@ def _shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return pad[y0 : y0 + h, x0 : x0 + w]
 
 
-def test_planted_exact_and_shifted_copies_caught_in_both_spaces(calibrated):
+def test_planted_copies_caught_and_a_weak_encoder_dropped(calibrated):
     store, cal, _ = calibrated
     idx = store.index
     level = 2
@@ -180,13 +180,16 @@ def test_planted_exact_and_shifted_copies_caught_in_both_spaces(calibrated):
     x = torch.from_numpy(np.concatenate([exact, shifted, novel])).permute(0, 3, 1, 2).float() / 127.5 - 1
     res = cal.filter.check(x, level)
     want_nn = [ids.index(t) for t in ids[:4]]
-    for space in ("pixel", "learned"):
-        assert res[space]["copy"][:2].all(), f"{space}: exact copies missed: {res[space]['d1'][:2]}"
-        assert res[space]["nn"][:4].tolist() == want_nn, f"{space}: a planted copy's nearest tile is not its original"
+    # a 40-step audit encoder calls pure-noise tiles copies far more often than real unseen
+    # tiles, so the audit drops the learned space and says why (issue 12: a weak encoder
+    # must not flag noise as copies)
+    probe = cal.encoder_info["noise_probe"]
+    assert "learned" not in cal.names and "learned" not in res
+    assert probe["reject"] and probe["flagged"] / probe["n"] > probe["holdout_flag_rate"]
+    assert "pure-noise" in cal.encoder_info["disabled"] and "audit.encoder_steps" in cal.encoder_info["disabled"]
+    assert res["pixel"]["copy"][:2].all(), f"pixel: exact copies missed: {res['pixel']['d1'][:2]}"
+    assert res["pixel"]["nn"][:4].tolist() == want_nn, "pixel: a planted copy's nearest tile is not its original"
     assert res["pixel"]["copy"][2:4].all(), f"pixel: shifted copies missed: {res['pixel']['d1'][2:4]}"
-    # with only 40 encoder steps the learned space still finds each shifted copy's original as its
-    # nearest tile (checked above) and flags at least one; the any-space filter flags all four
-    assert res["learned"]["copy"][2:4].any()
     assert cal.filter(x, level)[:4].all()
     # holdout tiles are (almost all) not copies: thresholds sit at their 1% quantile
     assert cal.filter(x, level)[4:].float().mean() <= 0.1

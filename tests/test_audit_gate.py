@@ -174,6 +174,7 @@ def test_dp_model_passes(demo_store, tmp_path):
     recipe = _recipe(tmp_path / "run")
     out = recipe.output_dir
     store = _small_store(out / "ingest", demo_store, n_train=48, n_holdout=48)
+    _finish_stage(recipe, "ingest")  # the audit binds its verdict to the tile store's manifest
     model = train_dp(store)
     from synthpath.models.checkpoint import save_checkpoint
 

@@ -51,12 +51,6 @@ def draw_synthetic(model, levels: list[float], tile_px: int, num_classes: int, n
     return out, info
 
 
-def split_counts(n: int, n_levels: int) -> list[int]:
-    """``n`` split as evenly as possible over the levels (extra to the finer ones), at least 1 each."""
-    base, extra = divmod(n, n_levels)
-    return [max(1, base + (1 if k >= n_levels - extra else 0)) for k in range(n_levels)]
-
-
 # --------------------------------------------------------------------------- membership inference
 def mia_batches(store, seed: int, max_tiles: int) -> tuple[dict, dict, dict]:
     """Balanced member (train) / non-member (holdout) batches, equal counts per level."""

@@ -222,7 +222,7 @@ def _audit_section(num: Numbers, report: dict, src: str) -> str:
     if isinstance(mia, dict):
         lines.append("Membership inference (a loss-based attack, each tile's loss calibrated against similar "
                      "held-out tiles: can the model tell its training patients' tiles from held-out patients' "
-                     "tiles?). Intervals are 95% percentile bootstrap intervals:")
+                     "tiles?). Intervals are percentile bootstrap intervals:")
         lines.append("")
         ivs = mia.get("intervals") if isinstance(mia.get("intervals"), dict) else {}
 
