@@ -69,6 +69,12 @@ def _print_outputs(recipe) -> None:
             print(f"  {name}: {out / name}")
 
 
+def _worker_rank() -> bool:
+    from .train.distributed import is_worker_rank
+
+    return is_worker_rank()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .pipeline import ReleaseBlocked, StageDeferred, StageError, build, run_stage
 
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             for m in build(recipe, force=tuple(args.force), until=args.until, options=options):
                 print(f"[{m['stage']}] done in {m.get('seconds', 0):.1f}s -> {recipe.output_dir / m['stage']}")
             _print_outputs(recipe)
+        elif args.command == "train" and _worker_rank():  # torchrun/srun rank > 0: trains, writes nothing
+            from .train.distributed import run_train_worker
+
+            run_train_worker(recipe, force=args.force, options=options)
         else:
             m = run_stage(recipe, args.command, force=args.force, options=options)
             print(f"[{m['stage']}] -> {recipe.output_dir / m['stage']}")

@@ -93,7 +93,8 @@ def context(device: torch.device) -> tuple[DistContext, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not tdist.is_initialized():
+    joined = tdist.is_initialized()  # already joined (a worker rank's CLI): no second barrier
+    if not joined:
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local))
@@ -102,8 +103,35 @@ def context(device: torch.device) -> tuple[DistContext, torch.device]:
         raise RuntimeError(f"process group is rank {tdist.get_rank()} of {tdist.get_world_size()}, "
                            f"the environment says {rank} of {world}")
     ctx = DistContext(rank=rank, world=world, local_rank=local)
-    ctx.barrier()
+    if not joined:
+        ctx.barrier()
     return ctx, device
+
+
+def is_worker_rank() -> bool:
+    """True in a data-parallel process other than rank 0."""
+    rank, world, _ = env_world()
+    return world > 1 and rank != 0
+
+
+def run_train_worker(recipe, *, force: bool = False, options: dict | None = None) -> dict:
+    """``synthpath train`` on a rank other than 0: rank 0 runs the stage (its folder, manifest
+    and every artifact); this rank trains alongside it in rank 0's ``train.partial`` folder
+    and writes nothing. It joins the process group first, so rank 0 has prepared the folder
+    (``run_stage``) before this rank looks into it."""
+    from ..pipeline import fingerprint, get_stage, read_manifest, stage_dir
+    from .trainer import resolve_device, train
+
+    stage = get_stage("train")
+    fp, _ = fingerprint(recipe, stage)
+    existing = read_manifest(stage_dir(recipe, "train"))
+    if existing is not None and existing.get("fingerprint") == fp and not force:
+        return existing  # rank 0 skips the up-to-date stage too
+    context(resolve_device(recipe.train.device))
+    opts = options or {}
+    summary = train(recipe, stage_dir(recipe, "ingest"), recipe.output_dir / "train.partial",
+                    stop_after=opts.get("train_stop_after"), progress=False)
+    return {"stage": "train", "summary": summary}
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
