@@ -1,24 +1,29 @@
-"""Benchmark: slide synthesis time per level, bulk tiles/s, and the time for a URCDM-size
-slide (20x, about 40,000 x 40,000 px).
+"""Benchmark: whole-slide synthesis cost per generated tile as the slide grows, and the
+projected time of a URCDM-size slide (20x, ~40,000 px square) from per-tile costs at scale.
 
-What it measures (untrained weights of the named size: speed does not depend on them):
+For each ``--layouts`` entry (default 4x4, 8x8, 16x16 coarsest tiles) one whole slide is
+synthesised (every tile of every level, as ``generate.mode: slides`` does) and timed:
 
-1. one slide of ``--layout`` coarsest tiles, timed level by level (synthesising levels
-   ``[:1]``, ``[:2]``, ... and taking differences, so each level's figure includes its
-   parent-conditioned zoom-in, not the levels above it);
-2. bulk generation: ``--bulk-slides`` slides synthesised together (tiles of all slides share
-   batches, as the generate stage does), reported as tiles/s and tile-steps/s;
-3. the time for one slide whose finest level is ``--target-px`` square, *extrapolated* from the
-   measured tile-steps/s by counting that slide's tiles and solver steps per level (a full run
-   of that size does not fit in a benchmark's time; the output says it is an extrapolation).
+- **total**: all of ``synthesize_slides``;
+- **model**: the model's forwards alone (forward hooks on the prepared model);
+- **host**: total - model, i.e. everything a fast GPU leaves to the host (parent crops,
+  known masks, feathering, canvases, batching, the solver's arithmetic on the device).
 
-The release filter is not included (``--filter`` is not offered: its cost depends on the
-audit's feature spaces; see the audit benchmarks).
+On the CPU the clock is CPU seconds of this process (``time.process_time``), not wall clock,
+so other jobs on a shared machine do not inflate it; on CUDA it is wall clock with
+``torch.cuda.synchronize`` around each forward. Per generated tile, the largest layout must
+cost no more than 1.25x the smallest, in total and host-side (cost linear in slide area).
 
-    python benchmarks/bench_generate.py --device cuda --size base --tile-px 256 --compile
-    python benchmarks/bench_generate.py --device cpu --size tiny --tile-px 32 --steps 4   # smoke run
+Projection: a slide of ``--target-px`` px square at the finest level, with the same levels
+and sampler, is ``sum over levels of tiles x steps`` model tile-steps plus ``tiles`` host
+units; it is priced with the model seconds per tile-step and the host seconds per tile
+*measured at the largest layout* (no 2x2 extrapolation). Run it on the GPU for the real figure:
 
-Results are printed and appended to benchmarks/RESULTS.md.
+    python benchmarks/bench_generate.py --device cuda --size base --tile-px 256 --steps 25 \\
+        --levels 2.0 1.0 0.5 --layouts 2x2 4x4 8x8 --batch-size 128 --compile
+    python benchmarks/bench_generate.py            # CPU, tiny model, 32 px tiles, 2 steps
+
+Prints a table and appends a section to benchmarks/RESULTS.md (``--no-write`` to skip).
 """
 
 from __future__ import annotations
@@ -27,135 +32,146 @@ import argparse
 import datetime as dt
 import math
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from synthpath.generate.synthesis import synthesize_slides, tile_positions, zoom_factors
-from synthpath.models.registry import build_model, count_params
+from synthpath.generate.synthesis import synthesize_slides
+from synthpath.generate.tiling import level_grids
+from synthpath.models import build_model, prepare_model
+from synthpath.models.registry import count_params
 from synthpath.recipe import SamplerConfig
 from synthpath.units import level_name
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+class Clock:
+    """CPU seconds on the CPU, synchronised wall seconds on CUDA; accumulates model forwards."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.model_s = 0.0
+        self._t0 = 0.0
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time()
+
+    def attach(self, model: torch.nn.Module) -> None:
+        model.register_forward_pre_hook(lambda *a: setattr(self, "_t0", self.now()))
+        model.register_forward_hook(lambda *a: setattr(self, "model_s", self.model_s + self.now() - self._t0))
 
 
-def tiles_and_steps(layout: tuple[int, int], levels: list[float], tile_px: int, steps: int, zoom_start: float):
-    """Per level: (tiles sampled, solver steps per tile) for one slide, with synthesis's
-    overlapping tile grid (``tile_px // 4`` overlap)."""
-    out = []
-    for k, f in enumerate(zoom_factors(levels)):
-        h, w = layout[0] * tile_px * f, layout[1] * tile_px * f
-        n = len(tile_positions(h, tile_px, tile_px // 4)) * len(tile_positions(w, tile_px, tile_px // 4))
-        out.append((n, steps if k == 0 else max(1, math.ceil(steps * zoom_start))))
-    return out
-
-
-def timed(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+def slide_work(layout, levels, px, steps, zoom_start, overlap=None):
+    """(tiles, model tile-steps) of one whole slide with synthesis's tile grid."""
+    grids = level_grids(layout, levels, px, px // 4 if overlap is None else overlap)
+    tiles = [len(ys) * len(xs) for ys, xs in grids]
+    per = [steps] + [max(1, math.ceil(steps * zoom_start))] * (len(levels) - 1)
+    return tiles, sum(n * s for n, s in zip(tiles, per))
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--tile-px", type=int, default=64)
-    ap.add_argument("--levels", type=float, nargs="+", default=[2.0, 1.0, 0.5], help="mpp, coarse to fine")
-    ap.add_argument("--layout", type=int, nargs=2, default=[2, 2], metavar=("ROWS", "COLS"))
+    ap.add_argument("--tile-px", type=int, default=32)
+    ap.add_argument("--levels", type=float, nargs="+", default=[2.0, 1.0], help="mpp, coarse to fine")
+    ap.add_argument("--layouts", nargs="+", default=["4x4", "8x8", "16x16"])
     ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddim", "dpmpp_2m"])
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--zoom-start", type=float, default=0.5)
-    ap.add_argument("--batch-size", type=int, default=64, help="tiles per model batch")
-    ap.add_argument("--bulk-slides", type=int, default=4)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    ap.add_argument("--target-px", type=int, default=40000, help="finest-level side of the extrapolated slide")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="torch.compile (prepare_model's one mode)")
+    ap.add_argument("--memmap", action="store_true", help="canvases as memory maps in a temporary folder")
+    ap.add_argument("--target-px", type=int, default=41344, help="finest-level side of the projected slide")
+    ap.add_argument("--target-levels", type=float, nargs="+", default=[2.0, 1.0, 0.5],
+                    help="levels of the projected slide (5x/10x/20x)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     levels = [float(x) for x in args.levels]
-    layout = (args.layout[0], args.layout[1])
-    cfg = SamplerConfig(name=args.sampler, steps=args.steps, guidance_scale=1.5, zoom_start=args.zoom_start)
+    cfg = SamplerConfig(name=args.sampler, steps=args.steps, guidance_scale=args.guidance, zoom_start=args.zoom_start)
     torch.manual_seed(0)
-    model = build_model(args.size, 2, args.tile_px).to(device).eval()
-    n_params = count_params(model)
-    if args.compile:
-        model = torch.compile(model)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    raw = build_model(args.size, 2, args.tile_px)
+    n_params = count_params(raw)
+    model = prepare_model(raw, device, compile=args.compile)
+    clock = Clock(device)
+    clock.attach(model)
+    fwd_per_step = 2 if args.guidance != 1.0 else 1  # guided: conditional + null-label rows in one forward
 
-    def run(n_slides: int, lv: list[float], seed0: int = 0):
-        with torch.no_grad(), autocast:
-            return synthesize_slides(model, [i % 2 for i in range(n_slides)], layout, lv,
-                                     [seed0 + i for i in range(n_slides)], sampler=cfg, device=device,
-                                     batch_size=args.batch_size)
+    def run(layout, seed):
+        with tempfile.TemporaryDirectory() as wd, torch.no_grad():
+            return synthesize_slides(model, [seed % 2], layout, levels, [seed], sampler=cfg, device=device,
+                                     batch_size=args.batch_size, workdir=wd if args.memmap else None)[0]
 
-    # warm-up (compilation, cuDNN autotune) on the full level set
-    timed(lambda: run(1, levels, 10_000), device)
+    run((2, 2), 10_000)  # warm-up (allocator, compile, cuDNN autotune)
+    rows = []
+    for lay in args.layouts:
+        layout = tuple(int(v) for v in lay.lower().split("x"))
+        clock.model_s = 0.0
+        t0 = clock.now()
+        pyr = run(layout, 1)
+        total = clock.now() - t0
+        tiles, tile_steps = slide_work(layout, levels, args.tile_px, args.steps, args.zoom_start)
+        assert sum(pyr.tiles_per_level) == sum(tiles)
+        n = sum(tiles)
+        rows.append({"layout": lay, "tiles": n, "tile_steps": tile_steps, "total_s": total, "model_s": clock.model_s,
+                     "host_s": total - clock.model_s, "total_ms_tile": 1e3 * total / n,
+                     "host_ms_tile": 1e3 * (total - clock.model_s) / n, "batch_fill": pyr.batch_fill,
+                     "px": f"{pyr.levels[-1].shape[0]}²"})
+    base, big = rows[0], rows[-1]
+    ratio_total = big["total_ms_tile"] / base["total_ms_tile"]
+    ratio_host = big["host_ms_tile"] / base["host_ms_tile"]
 
-    # 1. one slide, level by level
-    cumulative = [timed(lambda k=k: run(1, levels[:k + 1]), device) for k in range(len(levels))]
-    per_level = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
-    one = tiles_and_steps(layout, levels, args.tile_px, args.steps, args.zoom_start)
+    # projection from the largest layout's per-tile costs
+    model_s_per_tile_step = big["model_s"] / big["tile_steps"]
+    host_s_per_tile = big["host_s"] / big["tiles"]
+    tl = [float(x) for x in args.target_levels]
+    f = round(tl[0] / tl[-1])
+    side0 = math.ceil(args.target_px / f / args.tile_px)
+    t_tiles, t_steps = slide_work((side0, side0), tl, args.tile_px, args.steps, args.zoom_start)
+    proj_s = t_steps * model_s_per_tile_step + sum(t_tiles) * host_s_per_tile
 
-    # 2. bulk
-    t_bulk = timed(lambda: run(args.bulk_slides, levels, 100), device)
-    bulk_tiles = args.bulk_slides * sum(n for n, _ in one)
-    bulk_tile_steps = args.bulk_slides * sum(n * s for n, s in one)
-    tiles_s = bulk_tiles / t_bulk
-    tile_steps_s = bulk_tile_steps / t_bulk
-
-    # 3. extrapolation to a target-size slide with the same levels
-    fz = zoom_factors(levels)[-1]
-    side0 = math.ceil(args.target_px / fz / args.tile_px)
-    big = tiles_and_steps((side0, side0), levels, args.tile_px, args.steps, args.zoom_start)
-    big_tile_steps = sum(n * s for n, s in big)
-    big_s = big_tile_steps / tile_steps_s
-
-    res = {
-        "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "size": args.size, "params": n_params, "tile_px": args.tile_px,
-        "levels": "/".join(level_name(m) for m in levels), "layout": f"{layout[0]}x{layout[1]}",
-        "sampler": f"{args.sampler} {args.steps} steps (zoom from t={args.zoom_start})",
-        "batch": args.batch_size, "compile": args.compile,
-        "per_level_s": [round(x, 3) for x in per_level],
-        "per_level_tiles": [n for n, _ in one],
-        "bulk": f"{args.bulk_slides} slides in {t_bulk:.2f} s",
-        "tiles_per_s": round(tiles_s, 2), "tile_steps_per_s": round(tile_steps_s, 1),
-        "target": f"{args.target_px}² px at {level_name(levels[-1])} ({side0}x{side0} coarsest tiles, "
-                  f"{sum(n for n, _ in big)} tiles)",
-        "target_extrapolated_min": round(big_s / 60, 1),
-    }
-    for k, v in res.items():
-        print(f"{k:>26}: {v}")
-    print(f"\nThe {args.target_px}² px figure is an EXTRAPOLATION from the measured tile-steps/s, not a full run.")
-
-    new = not RESULTS.exists()
-    with open(RESULTS, "a") as f:
-        if new:
-            f.write("# Benchmark results\n\n")
-        f.write(f"\n## bench_generate.py, {res['when']}\n\n")
-        f.write(f"- device: {res['device']}; model `{res['size']}` ({res['params']:,} params); tile {res['tile_px']} px; "
-                f"levels {res['levels']}; sampler {res['sampler']}; batch {res['batch']}; compile {res['compile']}\n")
-        f.write(f"- one slide of {res['layout']} coarsest tiles, seconds per level (tiles): "
-                + ", ".join(f"{level_name(m)} {s} s ({n})" for m, s, n in zip(levels, res['per_level_s'], res['per_level_tiles']))
-                + "\n")
-        f.write(f"- bulk: {res['bulk']} = **{res['tiles_per_s']} tiles/s** ({res['tile_steps_per_s']} tile-steps/s)\n")
-        f.write(f"- {res['target']}: **{res['target_extrapolated_min']} min, extrapolated** from tile-steps/s "
-                f"(goal: < 30 min on one H100)\n")
-    return res
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU {platform.machine()} x{torch.get_num_threads()} threads")
+    clock_name = "wall s (CUDA-synchronised)" if device.type == "cuda" else "CPU s (process_time)"
+    hdr = "| layout | finest px | tiles | tile-steps | total s | model s | host s | total ms/tile | host ms/tile | batch fill |"
+    lines = [hdr, "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['px']} | {r['tiles']} | {r['tile_steps']} | {r['total_s']:.2f} | "
+                     f"{r['model_s']:.2f} | {r['host_s']:.2f} | {r['total_ms_tile']:.2f} | {r['host_ms_tile']:.3f} | "
+                     f"{r['batch_fill']:.1f} |")
+    summary = (f"per-tile cost {big['layout']} / {base['layout']}: total {ratio_total:.2f}x, host {ratio_host:.2f}x "
+               f"(target <= 1.25x)")
+    proj = (f"projection: {args.target_px}² px at {level_name(tl[-1])} with levels "
+            f"{'/'.join(level_name(m) for m in tl)} = {side0}x{side0} coarsest tiles, {sum(t_tiles):,} tiles, "
+            f"{t_steps:,} tile-steps x {fwd_per_step} forward rows -> {model_s_per_tile_step * 1e3:.3f} ms/tile-step model + "
+            f"{host_s_per_tile * 1e3:.3f} ms/tile host = **{proj_s / 60:.1f} min** on this device "
+            f"(model `{args.size}` at {args.tile_px} px; target <= 15 min for `base` at 256 px on one H100)")
+    print("\n".join(lines))
+    print(summary)
+    print(proj)
+    if not args.no_write:
+        with open(RESULTS, "a") as fh:
+            fh.write(f"\n## bench_generate.py (issue 15: cost per tile vs slide size), "
+                     f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n")
+            fh.write(f"- {dev_name}; clock: {clock_name}; model `{args.size}` ({n_params:,} params), tile {args.tile_px} px, "
+                     f"levels {'/'.join(level_name(m) for m in levels)}; {args.sampler} {args.steps} steps, guidance "
+                     f"{args.guidance}, zoom from t={args.zoom_start}; batch {args.batch_size}; compile {args.compile}; "
+                     f"canvases {'memory-mapped' if args.memmap else 'in RAM'}\n\n")
+            fh.write("\n".join(lines) + "\n\n")
+            fh.write(f"- {summary}\n- {proj}\n")
+    return {"rows": rows, "ratio_total": ratio_total, "ratio_host": ratio_host, "projection_min": proj_s / 60}
 
 
 if __name__ == "__main__":

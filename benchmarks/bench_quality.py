@@ -1,5 +1,7 @@
-"""Slide quality of a trained checkpoint against the same architecture untrained, and
-against itself without seam inpainting.
+"""Slide quality of a trained checkpoint against the same architecture untrained, and the
+seam methods against each other: ``overwrite`` (no known pixels: each tile overwrites the
+overlap), ``inpaint`` (known pixels, hard replacement) and ``feather`` (known pixels,
+replacement cross-faded over ``--feather-px`` px; the default in synthesis).
 
 Synthesises ``--slides`` pyramids with each model (same seeds, labels and sampler), and
 reports the cross-level consistency (PSNR/SSIM of each level box-downsampled against the
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--zoom-start", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--feather-px", type=int, default=None, help="default: overlap // 2")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("quality"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -84,29 +87,38 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [1000 + i for i in range(args.slides)]
     args.out.mkdir(parents=True, exist_ok=True)
     res = {}
-    # "trained, no seam inpainting" is the seam ablation: the same model and seeds, but each tile
-    # ignores its finished neighbours (no known pixels) and overwrites the overlap.
-    runs = (("untrained", untrained, True), ("trained, no seam inpainting", trained, False), ("trained", trained, True))
-    for name, model, inpaint in runs:
+    # "overwrite" is the seam ablation: the same model and seeds, but each tile ignores its
+    # finished neighbours (no known pixels) and overwrites the overlap.
+    runs = (("untrained", untrained, "feather"), ("trained, overwrite (no seam inpainting)", trained, "overwrite"),
+            ("trained, inpaint (hard replacement)", trained, "inpaint"), ("trained, feather", trained, "feather"))
+    for name, model, method in runs:
         t0 = time.time()
         pyrs = synthesize_slides(model, labels, tuple(args.layout), levels, seeds, sampler=sampler, batch_size=args.batch,
-                                 inpaint_seams=inpaint)
+                                 seams=method, feather_px=args.feather_px)
         res[name] = _summary(pyrs) | {"seconds": round(time.time() - t0, 1)}
-        _strip(pyrs[0]).save(args.out / f"{name.replace(', ', '_').replace(' ', '_')}_slide0.png")
+        fname = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
+        _strip(pyrs[0]).save(args.out / f"{fname}_slide0.png")
     print(json.dumps(res, indent=1))
     if not args.no_write:
-        lines = [f"\n## Slide quality, trained vs untrained (bench_quality.py), {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+        lines = [f"\n## Slide quality and seam methods (issue 15, bench_quality.py), {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
                  f"\ncheckpoint `{args.train_dir}` ({cfg['model'].get('size')}, {cfg['model']['tile_px']} px, levels {levels}, "
                  f"{cfg.get('steps', '?')} training steps, DP {'on' if (cfg.get('privacy') or {}).get('enabled') else 'off'}); {args.slides} slides of {args.layout[0]}x{args.layout[1]} coarsest tiles; "
                  f"{args.sampler} {args.steps} steps, guidance {args.guidance}, zoom from t={args.zoom_start}.\n\n",
-                 "| model | " + " | ".join(f"PSNR L{k}" for k in res['trained']['psnr']) + " | "
-                 + " | ".join(f"SSIM L{k}" for k in res['trained']['ssim']) + " | "
-                 + " | ".join(f"seam L{k}" for k in res['trained']['seam']) + " |\n",
-                 "|---" * (1 + len(res['trained']['psnr']) * 2 + len(res['trained']['seam'])) + "|\n"]
+                 "| model | " + " | ".join(f"PSNR L{k}" for k in res['trained, feather']['psnr']) + " | "
+                 + " | ".join(f"SSIM L{k}" for k in res['trained, feather']['ssim']) + " | "
+                 + " | ".join(f"seam L{k}" for k in res['trained, feather']['seam']) + " |\n",
+                 "|---" * (1 + len(res['trained, feather']['psnr']) * 2 + len(res['trained, feather']['seam'])) + "|\n"]
         for name, r in res.items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in r["psnr"].values()) + " | "
                          + " | ".join(f"{v:.3f}" for v in r["ssim"].values()) + " | "
                          + " | ".join(f"{v:.2f}" for v in r["seam"].values()) + " |\n")
+        ow, fe = res["trained, overwrite (no seam inpainting)"]["seam"], res["trained, feather"]["seam"]
+        beats = all(fe[k] < ow[k] for k in ow)
+        lines.append(f"\nSeams (1.0 = as smooth as the interior), feathered seam inpainting against overwriting: "
+                     + ", ".join(f"L{k} {fe[k]:.2f} vs {ow[k]:.2f}" for k in ow)
+                     + f" -> feather {'beats' if beats else 'does NOT beat'} overwriting at every level. "
+                     f"Feathered seams are scored over the whole cross-fade band (every line from the band's start "
+                     f"to the first line of the tile's own pixels), hard ones at the line where new pixels begin.\n")
         with RESULTS.open("a") as fh:
             fh.writelines(lines)
     return res

@@ -2,8 +2,9 @@
 
 Runs the DPM-Solver++(2M) sampler (one model forward per image-step at guidance 1) on a
 batch of ``--batch`` tiles for ``--steps`` steps, after ``--warmup`` untimed runs, eager and
-(with ``--compile``) ``torch.compile``d; bf16 autocast and channels-last on CUDA, fp32 on
-CPU; ``torch.cuda.synchronize`` around the timed region. FLOPs per forward are counted by
+(with ``--compile``) ``torch.compile``d, the model prepared by
+:func:`synthpath.models.prepare_model` exactly as ``generate`` prepares it (bf16 autocast,
+channels-last, cudnn.benchmark on CUDA; fp32 on CPU; one compile mode); ``torch.cuda.synchronize`` around the timed region. FLOPs per forward are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (multiply-add = 2). Prints a table and appends
 one row per mode to ``benchmarks/RESULTS.md``.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from synthpath.models import Cond, build_model, initial_noise, sample_dpmpp_2m
+from synthpath.models import COMPILE_MODE, Cond, build_model, initial_noise, prepare_model, sample_dpmpp_2m
 from synthpath.models.registry import count_params, model_cost
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -72,19 +73,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd model")
-    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args(argv)
 
     dev = _device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.size, 2, args.px).to(dev).eval()
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    model = prepare_model(build_model(args.size, 2, args.px), dev)
     cost = model_cost(args.size, args.px)
     gflop = cost["gflops"]
     params = count_params(model)
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     modes = [("eager", model)]
     if args.compile:
-        modes.append((f"compiled ({args.compile_mode})", torch.compile(model, mode=args.compile_mode)))
+        modes.append((f"compiled ({COMPILE_MODE})", prepare_model(model, dev, compile=True)))
     rows = []
     for mode, m in modes:
         sec = time_sampling(m, dev, args.px, args.batch, args.steps, args.warmup, args.repeats)

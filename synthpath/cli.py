@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 from . import __version__
+from .interrupt import Interrupted, disk_problem, signals_stop
 from .recipe import RecipeError, load_recipe
 
 
@@ -43,9 +46,10 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="run every stage in order, skipping stages that are up to date")
     _common(p)
     _stage_options(p)
-    p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="re-run STAGE (and so everything after it) even if it is up to date")
-    p.add_argument("--until", metavar="STAGE", help="stop after STAGE")
+    names = [st.name for st in stages()]
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", choices=names,
+                   help=f"re-run STAGE (and so everything after it) even if it is up to date; one of {', '.join(names)}")
+    p.add_argument("--until", metavar="STAGE", choices=names, help=f"stop after STAGE; one of {', '.join(names)}")
 
     for st in stages():
         p = sub.add_parser(st.name, help=st.help)
@@ -76,8 +80,6 @@ def _worker_rank() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .pipeline import ReleaseBlocked, StageDeferred, StageError, build, run_stage
-
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -88,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "validate":
+        from .slides.probe import slide_problems
+
+        try:
+            problems = slide_problems(recipe, args.recipe)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        if problems:
+            print(str(RecipeError(args.recipe, problems)), file=sys.stderr)
+            return 2
         print(f"{args.recipe}: OK ({recipe.name}; levels {recipe.levels} µm/px, tile {recipe.tile_px} px)")
         if args.print:
             print(json.dumps(recipe.model_dump(mode="json"), indent=2))
@@ -105,17 +117,57 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if plan.fits else 4
 
     options = {"strict": getattr(args, "strict", False), "allow_failed_audit": getattr(args, "allow_failed_audit", False)}
+    command = "synthpath " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
+        with signals_stop():
+            return _run(args, recipe, options)
+    except (Interrupted, KeyboardInterrupt) as e:
+        if not isinstance(e, Interrupted):
+            e = Interrupted(signal.SIGINT)
+        where = f" during stage {e.stage!r}: it is not marked finished" if e.stage else ""
+        kept = f", and its work so far is kept in {e.partial}" if e.partial else ""
+        print(f"\nstopped by {e.name}{where}{kept}.\n"
+              f"To resume, run the same command again: {command}\n"
+              f"(train and generate carry on from their last checkpoint; ingest starts its slides again)",
+              file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        disk = disk_problem(e)
+        if disk is None:
+            raise
+        what, path = disk
+        print(f"error: cannot write {path or recipe.output_dir}: {what} ({type(e).__name__}: {e}).\n"
+              f"The running stage is not marked finished. Free space or fix the folder's "
+              f"permissions (or choose another output_dir), then run the same command again to resume: {command}",
+              file=sys.stderr)
+        return 1
+
+
+def _run(args, recipe, options) -> int:
+    from .pipeline import ReleaseBlocked, StageDeferred, StageError, build, run_stage
+    from .distributed import build_ranked, generate_ranked, rank_world, under_torchrun
+
+    try:
+        ranked = under_torchrun()
         if args.command == "build":
-            for m in build(recipe, force=tuple(args.force), until=args.until, options=options):
+            run_build = build_ranked if ranked else build
+            for m in run_build(recipe, force=tuple(args.force), until=args.until, options=options):
                 print(f"[{m['stage']}] done in {m.get('seconds', 0):.1f}s -> {recipe.output_dir / m['stage']}")
-            _print_outputs(recipe)
+            if not ranked or rank_world()[0] == 0:
+                _print_outputs(recipe)
         elif args.command == "train" and _worker_rank():  # torchrun/srun rank > 0: trains, writes nothing
             from .train.distributed import run_train_worker
 
             run_train_worker(recipe, force=args.force, options=options)
+        elif ranked and args.command != "generate" and rank_world()[0] != 0:
+            print(f"rank {rank_world()[0]}: `{args.command}` is a single-process stage; rank 0 runs it")
         else:
-            m = run_stage(recipe, args.command, force=args.force, options=options)
+            if ranked and args.command == "generate":
+                m = generate_ranked(recipe, force=args.force, options=options)
+                if m is None:
+                    raise StageDeferred(f"rank {rank_world()[0]} did its share; another rank finalised the stage")
+            else:
+                m = run_stage(recipe, args.command, force=args.force, options=options)
             print(f"[{m['stage']}] -> {recipe.output_dir / m['stage']}")
             print(json.dumps(m.get("summary", {}), indent=2, default=str)[:4000])
     except StageDeferred as e:

@@ -100,6 +100,8 @@ class FeatureSpace:
     name: str = "base"
     label: str = "base"
     l2: bool = True
+    parts: int = 1  # vectors per reference row (embed -> [N, parts * view_dim])
+    shift_tolerance_px: int = 0  # largest shift of a copy the space is built to catch
 
     def __init__(self, device: torch.device | str | None = None, batch_size: int = 256):
         self.device = resolve_device(device)
@@ -133,6 +135,11 @@ class FeatureSpace:
     def dim(self) -> int:
         raise TypeError(f"{type(self).__name__} does not define dim")
 
+    @property
+    def view_dim(self) -> int:
+        """Width of one query view (= ``dim`` unless a reference row holds several parts)."""
+        return self.dim // self.parts
+
     def describe(self) -> dict:
         return {"name": self.name, "label": self.label, "dim": self.dim, "l2_normalised": self.l2}
 
@@ -145,43 +152,98 @@ def _gaussian_kernel(sigma: float) -> Tensor:
     return k / k.sum()
 
 
-class PixelSpace(FeatureSpace):
-    """Blurred, downsampled, per-image standardised pixels with shifted query views.
+_DIHEDRAL = tuple((flip, rot) for flip in (False, True) for rot in range(4))
 
-    Why these steps: the blur and the ``grid``² downsampling drop JPEG/sampler noise and make
-    one-pixel misalignments cheap; per-image standardisation removes global brightness and
-    contrast changes; L2 normalisation makes the squared distance 2 - 2·cosine. The
-    reference (training) tiles are embedded once, at the centre crop; queries are embedded
-    at every offset of ``range(-max_shift, max_shift + 1, shift_step)`` in both axes, and the
-    neighbour search keeps the best view. ``max_shift`` defaults to tile_px / 16 and
-    ``shift_step`` to max_shift / 4 (9 x 9 = 81 views; every integer shift up to 64 px tiles).
+
+def dihedral(x: Tensor, flip: bool, rot: int) -> Tensor:
+    """One of the 8 symmetries of the square on the last two axes: an optional horizontal
+    flip, then ``rot`` quarter turns."""
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, rot, dims=(-2, -1)) if rot else x
+
+
+class PixelSpace(FeatureSpace):
+    """Pixel near-copy space that the 8 dihedral transforms, shifts up to half a tile, small
+    scale changes, colour/stain jitter, JPEG and blur do not fool.
+
+    A tile is Gaussian-blurred and area-pooled into a ``2g x 2g`` map of ``cell``-px cells
+    (``g = grid``; ``cell = tile_px / 2 / g``). Each *part* or *view* is a ``g x g`` window
+    of that map (half a tile per side), standardised per colour channel (so a per-channel
+    gain and offset, i.e. a stain or colour shift, cancels) and L2-normalised.
+
+    - Reference (training) tiles: their 4 quadrants are 4 parts (``embed`` -> [N, 4·D]).
+    - Queries: every window position on the cell grid (``(g+1)²`` positions) of each of the
+      8 dihedral transforms of the map (``embed_views`` -> [N, 8·(g+1)², D]).
+
+    Why this catches a half-tile shift: if a training tile sits in the query moved by
+    (dy, dx) with ``|dy|, |dx| <= tile_px / 2`` (the rest being any other tissue), one of its
+    quadrants lies wholly inside the query, at an offset that the window grid meets within
+    half a cell; the blur (sigma = cell/2) absorbs that residual and the ±10% scale change.
+    For a dihedral copy, one of the 8 transforms of the query undoes it. The neighbour
+    search keeps the smallest distance over views and parts (``synthpath.audit.neighbours``).
+
+    Windows with (almost) no texture (largest channel std below ``min_std`` in [-1, 1]
+    units, e.g. blank glass) say nothing about copying: they are moved far away (an extra
+    coordinate of +3 in references, -3 in queries), so they never match anything.
     """
 
     name = "pixel"
-    label = "pixels (blurred, downsampled, shift-tolerant)"
+    label = "pixels (blurred, pooled; dihedral, half-tile-shift tolerant)"
+    parts = 4
 
-    def __init__(self, tile_px: int, *, grid: int = 16, max_shift: int | None = None, shift_step: int | None = None,
-                 blur_sigma: float | None = None, device=None, batch_size: int = 256):
+    def __init__(self, tile_px: int, *, grid: int = 8, blur_sigma: float | None = None, min_std: float = 0.03,
+                 substeps: int = 2, scales: tuple[float, ...] = (1.0,), dihedral_views: bool = True, device=None,
+                 batch_size: int = 256):
         super().__init__(device, batch_size)
         if tile_px < 8:
             raise FeatureSpaceError(f"pixel space needs tiles of at least 8 px, got {tile_px}")
         self.tile_px = int(tile_px)
-        self.max_shift = int(max(1, tile_px // 16) if max_shift is None else max_shift)
-        if self.max_shift * 2 >= tile_px // 2:
-            raise FeatureSpaceError(f"pixel space max_shift {self.max_shift} is too large for {tile_px} px tiles")
-        self.shift_step = int(max(1, self.max_shift // 4) if shift_step is None else shift_step)
-        self.crop = self.tile_px - 2 * self.max_shift
-        self.grid = int(min(grid, self.crop))
-        self.blur_sigma = float(self.crop / self.grid / 2.0 if blur_sigma is None else blur_sigma)
+        half = self.tile_px // 2
+        self.grid = int(max(2, min(grid, half)))
+        self.cell = half // self.grid
+        self.span = 2 * self.grid * self.cell  # the pooled part of the tile (its centre)
+        self.margin = (self.tile_px - self.span) // 2
+        self.substeps = int(max(1, min(substeps, self.cell)))
+        while self.cell % self.substeps:
+            self.substeps -= 1
+        self.step = self.cell // self.substeps  # window stride in px
+        self.blur_sigma = float(self.cell / 2.0 if blur_sigma is None else blur_sigma)
         self._kernel = _gaussian_kernel(self.blur_sigma) if self.blur_sigma > 0 else None
-        offs = list(range(-self.max_shift, self.max_shift + 1, self.shift_step))
-        if self.max_shift not in offs:
-            offs.append(self.max_shift)
-        self.offsets = [(dy, dx) for dy in offs for dx in offs]
+        self.min_std = float(min_std)
+        self.scales = tuple(float(v) for v in scales)
+        if not self.scales or any(not 0.5 <= v <= 2.0 for v in self.scales):
+            raise FeatureSpaceError(f"pixel space scales must be in 0.5..2, got {scales}")
+        self.dihedral_views = bool(dihedral_views)
+        self.transforms = _DIHEDRAL if self.dihedral_views else _DIHEDRAL[:1]
+        self.l2 = False  # each part is L2-normalised on its own in _embed
+
+    @property
+    def view_dim(self) -> int:
+        return 3 * self.grid * self.grid + 1
 
     @property
     def dim(self) -> int:
-        return 3 * self.grid * self.grid
+        return self.parts * self.view_dim
+
+    @property
+    def positions(self) -> int:
+        """Window positions per axis."""
+        return self.grid * self.substeps + 1
+
+    def _positions_at(self, scale: float) -> int:
+        side = max(self.span, int(round(self.tile_px * scale)) - 2 * self.margin)
+        fine = (side - self.cell) // self.step + 1
+        return fine - (self.grid - 1) * self.substeps
+
+    @property
+    def n_views(self) -> int:
+        return len(self.transforms) * sum(self._positions_at(s) ** 2 for s in self.scales)
+
+    @property
+    def shift_tolerance_px(self) -> int:
+        """Largest shift (px, per axis) of a copied training tile this space is built to catch."""
+        return self.tile_px // 2
 
     def _blur(self, x: Tensor) -> Tensor:
         if self._kernel is None:
@@ -189,44 +251,85 @@ class PixelSpace(FeatureSpace):
         k = self._kernel.to(x.device, x.dtype)
         r = k.numel() // 2
         c = x.shape[1]
-        x = F.pad(x, (r, r, r, r), mode="reflect")
+        mode = "reflect" if r < min(x.shape[-2:]) else "replicate"
+        x = F.pad(x, (r, r, r, r), mode=mode)
         x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-    def _vector(self, crops: Tensor) -> Tensor:
-        x = F.adaptive_avg_pool2d(self._blur(crops.float()), self.grid)
-        x = x.flatten(1)
-        x = x - x.mean(dim=1, keepdim=True)
-        return x / x.std(dim=1, keepdim=True).clamp_min(1e-3)
 
     def _check(self, x: Tensor) -> None:
         if x.shape[-1] != self.tile_px or x.shape[-2] != self.tile_px:
             raise FeatureSpaceError(f"pixel space was built for {self.tile_px} px tiles, got {tuple(x.shape[-2:])}")
 
-    def _embed(self, x: Tensor) -> Tensor:
+    def _map(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """[N, 3, M, M]: the blurred tile (resized by ``scale`` first) pooled over ``cell``-px
+        cells every ``step`` px (at scale 1, M = (2g - 1)·substeps + 1; cells ``substeps``
+        apart tile the pooled span)."""
         self._check(x)
-        m = self.max_shift
-        return self._vector(x[:, :, m : m + self.crop, m : m + self.crop])
+        x = x.float()
+        if scale != 1.0:
+            side = max(self.span + 2 * self.margin, int(round(self.tile_px * scale)))
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        x = self._blur(x)
+        m = self.margin
+        x = x[:, :, m:x.shape[-2] - m, m:x.shape[-1] - m]
+        return F.avg_pool2d(x, self.cell, stride=self.step) if self.cell > 1 else x
+
+    def _windows(self, m: Tensor, at: list[int] | None = None) -> Tensor:
+        """[N, W, 3, g, g]: g x g cell windows of a map, at fine positions ``at`` (both axes;
+        default every position)."""
+        g, r = self.grid, self.substeps
+        if at is not None:
+            span = (g - 1) * r + 1
+            return torch.stack([m[:, :, i:i + span:r, j:j + span:r] for i in at for j in at], dim=1)
+        L = (g - 1) * r + 1
+        win = m.unfold(2, L, 1).unfold(3, L, 1)[..., ::r, ::r]  # [n, 3, P, P, g, g]
+        p = win.shape[2]
+        return win.permute(0, 2, 3, 1, 4, 5).reshape(m.shape[0], p * p, 3, g, g)
+
+    def _normalise(self, w: Tensor, sign: float) -> Tensor:
+        """Windows [..., 3, g, g] -> vectors [..., 3g²+1]: per-channel standardised, L2-normalised;
+        textureless windows become the far point ``sign * 3`` on the extra axis."""
+        mean = w.mean(dim=(-2, -1), keepdim=True)
+        std = w.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        v = ((w - mean) / std.clamp_min(self.min_std / 4)).flatten(-3)
+        v = l2_normalize(v)
+        flat = std.flatten(-3).amax(-1) < self.min_std
+        extra = torch.zeros(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+        v = torch.cat([v, extra], dim=-1)
+        if bool(flat.any()):
+            far = torch.zeros(v.shape[-1], dtype=v.dtype, device=v.device)
+            far[-1] = 3.0 * sign
+            v[flat] = far
+        return v
+
+    def _embed(self, x: Tensor) -> Tensor:
+        quads = self._windows(self._map(x), [0, self.grid * self.substeps])  # the 4 quadrants [N,4,3,g,g]
+        return self._normalise(quads, +1.0).flatten(1)
 
     @torch.no_grad()
     def embed_views(self, images: Any) -> Tensor:
+        """float32 [N, 8·(g·substeps+1)², 3g²+1]: every half-tile window of every dihedral transform."""
         x = as_model_images(images)
         self._check(x)
         out = []
-        m, c = self.max_shift, self.crop
         for i in range(0, x.shape[0], self.batch_size):
-            xb = x[i : i + self.batch_size].to(self.device)
-            views = [self._vector(xb[:, :, m + dy : m + dy + c, m + dx : m + dx + c]) for dy, dx in self.offsets]
-            out.append(l2_normalize(torch.stack(views, dim=1).float()).cpu())
+            xb = x[i:i + self.batch_size].to(self.device)
+            views = []
+            for sc in self.scales:
+                m = self._map(xb, sc)
+                views += [self._windows(dihedral(m, flip, rot)) for flip, rot in self.transforms]
+            out.append(self._normalise(torch.cat(views, dim=1), -1.0).float().cpu())
         if not out:
-            return torch.zeros(0, len(self.offsets), self.dim)
+            return torch.zeros(0, self.n_views, self.view_dim)
         return torch.cat(out)
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(tile_px=self.tile_px, grid=self.grid, max_shift=self.max_shift, shift_step=self.shift_step,
-                 blur_sigma=round(self.blur_sigma, 4), n_views=len(self.offsets),
-                 shift_tolerance="min distance over shifted query views")
+        d.update(tile_px=self.tile_px, grid=self.grid, cell_px=self.cell, window_step_px=self.step, blur_sigma=round(self.blur_sigma, 4),
+                 min_std=self.min_std, scales=list(self.scales), parts=self.parts, view_dim=self.view_dim, n_views=self.n_views,
+                 l2_normalised="per part / per view", shift_tolerance_px=self.shift_tolerance_px,
+                 invariance="8 dihedral transforms (query views), shifts up to half a tile (quadrant parts x "
+                            "window grid), per-channel gain/offset (standardisation), blur/JPEG (blur + pooling)")
         return d
 
 

@@ -28,6 +28,7 @@ from typing import Callable
 
 from . import __version__
 from .atomic import write_json
+from .interrupt import Interrupted, critical
 from .recipe import Recipe
 
 log = logging.getLogger("synthpath")
@@ -69,6 +70,9 @@ class Stage:
     inputs: tuple[str, ...]  # upstream stages whose artifacts it reads
     run: Callable[[StageContext], dict]
     help: str = ""
+    # called even when the stage's output is up to date: returns True to re-run it anyway,
+    # or raises to refuse (the release gate of generate and export, a failed audit)
+    precheck: Callable[[Recipe, dict], bool] | None = None
 
 
 ORDER = ("ingest", "train", "audit", "generate", "export", "evaluate")
@@ -169,6 +173,8 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
     final = stage_dir(recipe, name)
     fp, input_hashes = fingerprint(recipe, stage)
     existing = read_manifest(final)
+    if existing is not None and existing.get("fingerprint") == fp and not force and stage.precheck is not None:
+        force = bool(stage.precheck(recipe, dict(options or {})))
     if existing is not None and existing.get("fingerprint") == fp and not force:
         log.info("stage %s is up to date (%s); skipping", name, final)
         return existing
@@ -201,7 +207,11 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         options=dict(options or {}),
     )
     t0 = time.time()
-    summary = stage.run(ctx) or {}
+    try:
+        summary = stage.run(ctx) or {}
+    except Interrupted as e:  # the CLI says where the partial work is and how to resume
+        e.stage, e.partial = name, work
+        raise
     manifest = {
         "stage": name,
         "fingerprint": fp,
@@ -215,19 +225,21 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, options: dict |
         "seconds": round(time.time() - t0, 3),
         "summary": summary,
     }
-    fp_file.unlink(missing_ok=True)
-    remove_temp_files(work)
-    write_json(work / MANIFEST, manifest)
-    # Swap into place: the old folder (if any) is moved aside first, then removed.
-    if final.exists():
-        trash = recipe.output_dir / f"{name}.old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(final, trash)
-        os.replace(work, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, final)
+    # A signal arriving now waits until the stage is finished and in place (interrupt.critical).
+    with critical():
+        fp_file.unlink(missing_ok=True)
+        remove_temp_files(work)
+        write_json(work / MANIFEST, manifest)
+        # Swap into place: the old folder (if any) is moved aside first, then removed.
+        if final.exists():
+            trash = recipe.output_dir / f"{name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(work, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, final)
     return manifest
 
 

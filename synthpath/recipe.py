@@ -19,13 +19,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import recipe_checks as checks
 from .units import parse_mpp
 
 RECIPE_SECTIONS = ("data", "ingest", "model", "train", "privacy", "sampler", "audit", "generate", "export", "evaluate")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf/.inf/nan are errors in every float field (see recipe_checks for ranges).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -188,6 +190,10 @@ class AuditConfig(_Strict):
     max_mia_auc: float = Field(0.6, gt=0.5, le=1, description="Fail when the membership-inference ROC AUC exceeds this.")
     mia_timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     mia_max_tiles: int = Field(512, ge=2, description="Most members (and as many non-members) scored by the membership attack.")
+    mia_noise_draws: int = Field(2, ge=1, description="Noise draws per tile and timestep averaged by the membership attack.")
+    max_mia_tpr: float = Field(0.05, gt=0, le=1, description="Fail when the attack's TPR at 1% FPR is significantly above "
+                               "this (its bootstrap lower bound exceeds it).")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the audit's one-sided tests and intervals.")
     efficientnet_px: int = Field(224, ge=32, description="Side the 'efficientnet' space resizes tiles to (224 = its ImageNet size).")
     batch_size: int = Field(64, ge=1, description="Tiles per batch when embedding, sampling and scoring.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
@@ -198,7 +204,15 @@ class GenerateConfig(_Strict):
     n_slides: int = Field(8, ge=1)
     label_proportions: dict[str, float] | None = Field(None, description="Default: the training tiles' label shares.")
     layout_tiles: tuple[int, int] = Field((2, 2), description="Coarsest-level tiles per synthetic slide (rows, cols).")
-    samples_per_slide: int = Field(4, ge=1, description="Multi-magnification stacks cut from each slide.")
+    samples_per_slide: int = Field(4, ge=1, description="Multi-magnification stacks cut from each slide (mode 'stacks').")
+    mode: Literal["slides", "stacks"] = Field(
+        "stacks", description="What a synthetic slide is for. 'stacks': only the nested tiles under the sampled "
+                              "stacks are made and released; 'slides': every tile of every level is made and released "
+                              "(samples_per_slide is then every stack of the layout).")
+    slides_per_group: int | None = Field(
+        None, ge=1, le=64, description="Slides synthesised together (their tiles share model batches). The unit of "
+                                       "resume and of work split between ranks; default: enough slides to fill "
+                                       "batch_size with coarsest tiles, at most 8.")
     shard_samples: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
@@ -304,7 +318,7 @@ class RecipeError(ValueError):
         self.problems = problems
         lines = [f"{self.path}: {len(problems)} problem(s) in the recipe:"]
         for key, line, msg in problems:
-            where = f"line {line}" if line else "line ?"
+            where = f"line {line}" if line else ("--set" if str(path) == "--set" else "line ?")
             lines.append(f"  - {key or '<root>'} ({where}): {msg}")
         super().__init__("\n".join(lines))
 
@@ -343,33 +357,18 @@ def _line_for(index: dict[tuple, int], loc: tuple) -> int | None:
     return index.get(())
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw recipe dict."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw recipe dict; every bad
+    override is reported at once in a :class:`RecipeError` from ``--set``."""
     data = copy.deepcopy(data)
+    problems = []
     for item in overrides or []:
-        if "=" not in item:
-            raise RecipeError("--set", [(item, None, "an override must look like key.path=value")])
-        key, value = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise RecipeError("--set", [(item, None, "empty key")])
-        node: Any = data
-        for p in parts[:-1]:
-            if isinstance(node, list) and p.isdigit():
-                node = node[int(p)]
-                continue
-            if not isinstance(node, dict):
-                raise RecipeError("--set", [(key, None, f"cannot descend into {p!r}: not a mapping")])
-            node = node.setdefault(p, {})
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = _parse_scalar(value)
-        else:
-            node[last] = _parse_scalar(value)
+        try:
+            checks.set_override(data, item)
+        except ValueError as e:
+            problems.append((item.split("=", 1)[0].strip() or item, None, f"--set {item!r}: {e}"))
+    if problems:
+        raise RecipeError("--set", problems)
     return data
 
 
@@ -391,11 +390,16 @@ def _resolve_paths(data: dict, base: Path) -> None:
 
     def fix(container: dict, key: str) -> None:
         v = container.get(key)
-        if isinstance(v, str) and v.startswith("pkg://"):
+        if not isinstance(v, str) or checks.path_problem(v):
+            return  # an unusable path is reported by parse_recipe, by key
+        if v.startswith("pkg://"):
             container[key] = resolve_package_path(v)
-        elif isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
-            container[key] = str((base / v).resolve())
-        elif isinstance(v, str):
+        elif not Path(v).expanduser().is_absolute():
+            try:
+                container[key] = str((base / v).resolve())
+            except (OSError, RuntimeError):
+                container[key] = str(base / v)
+        else:
             container[key] = str(Path(v).expanduser())
 
     fix(data, "output_dir")
@@ -416,19 +420,19 @@ def _filesystem_problems(r: Recipe) -> list[tuple[tuple, str]]:
     out: list[tuple[tuple, str]] = []
     d = r.data
     for i, s in enumerate(d.slides):
-        if not s.path.exists():
-            out.append((("data", "slides", i, "path"), f"slide file does not exist: {s.path}"))
-        if s.geojson is not None and not s.geojson.exists():
+        if not checks.safe_exists(s.path):
+            out.append((("data", "slides", i, "path"), checks.missing_file(s.path, "slide file")))
+        if s.geojson is not None and not checks.safe_exists(s.geojson):
             out.append((("data", "slides", i, "geojson"), f"GeoJSON file does not exist: {s.geojson}"))
-    if d.slide_dir is not None and not d.slide_dir.is_dir():
+    if d.slide_dir is not None and not checks.safe_exists(d.slide_dir, "dir"):
         out.append((("data", "slide_dir"), f"slide folder does not exist: {d.slide_dir}"))
-    if d.labels_csv is not None and not d.labels_csv.is_file():
+    if d.labels_csv is not None and not checks.safe_exists(d.labels_csv, "file"):
         out.append((("data", "labels_csv"), f"labels CSV does not exist: {d.labels_csv}"))
-    if d.geojson_dir is not None and not d.geojson_dir.is_dir():
+    if d.geojson_dir is not None and not checks.safe_exists(d.geojson_dir, "dir"):
         out.append((("data", "geojson_dir"), f"GeoJSON folder does not exist: {d.geojson_dir}"))
     for loc, path in ((("audit", "encoder_checkpoint"), r.audit.encoder_checkpoint),
                       (("evaluate", "feature_checkpoint"), r.evaluate.feature_checkpoint)):
-        if path is not None and not path.is_file():
+        if path is not None and not checks.safe_exists(path, "file"):
             out.append((loc, f"checkpoint file does not exist: {path}"))
     if "checkpoint" in r.audit.feature_spaces and r.audit.encoder_checkpoint is None:
         out.append((("audit", "feature_spaces"), "'checkpoint' needs audit.encoder_checkpoint"))
@@ -438,15 +442,30 @@ def _filesystem_problems(r: Recipe) -> list[tuple[tuple, str]]:
     for i, s in enumerate(d.slides):
         if s.label is not None and s.label not in d.classes:
             out.append((("data", "slides", i, "label"), f"unknown label {s.label!r}; classes are {d.classes}"))
-    return out
+    return out + checks.filesystem_extra(r)
 
 
-def parse_recipe(data: dict, *, source: Path | str = "<recipe>", text: str | None = None, check_files: bool = True) -> Recipe:
-    """Validate a raw dict; raise :class:`RecipeError` listing every problem."""
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def parse_recipe(data: dict, *, source: Path | str = "<recipe>", text: str | None = None, check_files: bool = True,
+                 extra_problems: list[tuple[str, int | None, str]] | None = None) -> Recipe:
+    """Validate a raw dict; raise :class:`RecipeError` listing every problem (``extra_problems``,
+    e.g. duplicate YAML keys, are reported with them)."""
     index = _line_index(text) if text else {}
-    problems: list[tuple[str, int | None, str]] = []
+    problems: list[tuple[str, int | None, str]] = list(extra_problems or [])
     if not isinstance(data, dict):
-        raise RecipeError(source, [("", 1, "the recipe must be a YAML mapping")])
+        raise RecipeError(source, problems + [("", 1, "the recipe must be a YAML mapping")])
+
+    def add(loc: tuple, msg: str) -> None:
+        key = ".".join(str(p) for p in loc)
+        if not any(k == key for k, _, _ in problems):
+            problems.append((key, _line_for(index, loc), msg))
+
+    for loc, msg in checks.bool_problems(Recipe, data) + checks.raw_path_problems(data):
+        add(loc, msg)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -457,31 +476,38 @@ def parse_recipe(data: dict, *, source: Path | str = "<recipe>", text: str | Non
                 msg = f"unknown key {loc[-1]!r} (misspelt? see the recipe reference in README.md)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            problems.append((".".join(str(p) for p in loc), _line_for(index, loc), msg))
+            elif "input" in err and err["type"] != "value_error":
+                msg = f"{msg} (got {_short(err['input'])})"
+            add(loc, msg)
         raise RecipeError(source, problems) from None
+    for loc, msg in checks.value_problems(recipe):
+        add(loc, msg)
     if check_files:
         for loc, msg in _filesystem_problems(recipe):
-            problems.append((".".join(str(p) for p in loc), _line_for(index, loc), msg))
+            add(loc, msg)
     if problems:
         raise RecipeError(source, problems)
     return recipe
 
 
 def load_recipe(path: Path | str, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
-    """Read, override, resolve and validate a recipe file."""
+    """Read, override, resolve and validate a recipe file. Every problem (unreadable file,
+    bad YAML, bad ``--set``, schema, ranges, files) is a :class:`RecipeError`."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(path, [("", None, f"recipe file not found: {path}")])
-    text = path.read_text()
+    why = checks.path_problem(str(path))
+    if why or not checks.safe_exists(path, "file"):
+        if not why and checks.safe_exists(path, "dir"):
+            why = f"{path} is a folder; give the recipe's YAML file"
+        raise RecipeError(path, [("", None, why or f"recipe file not found: {path}")])
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise RecipeError(path, [("", mark.line + 1 if mark else None, f"not valid YAML: {e}")]) from None
+        text = checks.read_recipe_text(path)
+        raw, dups = checks.load_yaml(text)
+    except checks.YamlProblem as e:
+        raise RecipeError(path, [(e.key, e.line, str(e))]) from None
     if not isinstance(raw, dict):
         raise RecipeError(path, [("", 1, "the recipe must be a YAML mapping")])
     raw = apply_overrides(raw, overrides or [])
     _resolve_paths(raw, path.resolve().parent)
-    recipe = parse_recipe(raw, source=path, text=text, check_files=check_files)
+    recipe = parse_recipe(raw, source=path, text=text, check_files=check_files, extra_problems=dups)
     recipe.source = path.resolve().parent
     return recipe

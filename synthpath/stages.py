@@ -18,17 +18,26 @@ def _lazy(module: str, func: str = "run"):
     return run
 
 
+def _precheck(stage: str):
+    def check(recipe, options: dict) -> bool:
+        return importlib.import_module("synthpath.audit.gate").precheck(recipe, stage, options)
+
+    return check
+
+
 BUILTIN = (
     Stage("ingest", ("data", "ingest"), (), _lazy("synthpath.slides.ingest"),
                "read slides, detect tissue, tile nested levels, label, split by patient"),
     Stage("train", ("model", "train", "privacy", "generate.label_proportions"), ("ingest",), _lazy("synthpath.train.trainer"),
                "train the magnification-aware diffusion model (optionally with DP-SGD)"),
-    Stage("audit", ("audit", "sampler"), ("ingest", "train"), _lazy("synthpath.audit.report"),
-               "memorization and membership-inference audit; the release gate"),
+    Stage("audit", ("audit", "sampler", "model", "generate.layout_tiles", "generate.label_proportions",
+                    "generate.max_filter_retries", "export.allow_failed_audit"), ("ingest", "train"),
+          _lazy("synthpath.audit.report"),
+               "memorization and membership-inference audit; the release gate", precheck=_precheck("audit")),
     Stage("generate", ("generate", "sampler", "export.slides"), ("ingest", "train", "audit"), _lazy("synthpath.generate.runner"),
-               "synthesise slides coarse to fine into WebDataset shards"),
+               "synthesise slides coarse to fine into WebDataset shards", precheck=_precheck("generate")),
     Stage("export", ("export",), ("ingest", "train", "audit", "generate"), _lazy("synthpath.export.hf"),
-               "write the Hugging Face dataset and its card"),
+               "write the Hugging Face dataset and its card", precheck=_precheck("export")),
     Stage("evaluate", ("evaluate",), ("ingest", "export"), _lazy("synthpath.evaluate.stage"),
                "downstream utility (TSTR vs TRTR) and fidelity; adds them to the card"),
 )

@@ -52,12 +52,15 @@ def parse_mpp(value: float | int | str) -> float:
 
 
 def level_name(mpp: float) -> str:
-    """A short, dot-free, lowercase name for a level, used in file keys and columns.
+    """A short, lowercase name for a level, used in file keys and columns.
 
-    Whole or half objective powers become ``"20x"``, ``"5x"``; anything else becomes
-    ``"mpp0_25"`` style names.
+    Objective powers in steps of 1/8 become their usual names: ``"20x"``, ``"5x"``,
+    ``"2.5x"``, ``"1.25x"`` (8 µm/px), ``"0.625x"``; anything else becomes an ``"mpp0_3"``
+    style name. A name holds at most one ".", only in a fractional power.
     """
     power = mpp_to_objective(mpp)
     if abs(power - round(power)) < 1e-6:
         return f"{int(round(power))}x"
+    if abs(power * 8 - round(power * 8)) < 1e-6:
+        return f"{round(power * 8) / 8:g}x"
     return "mpp" + f"{mpp:g}".replace(".", "_")

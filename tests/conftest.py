@@ -124,3 +124,33 @@ def demo_store(tmp_path_factory) -> Path:
     recipe = parse_recipe(tiny_recipe_dict(out / "run"), source="<demo_store>")
     run_stage(recipe, "ingest")
     return out / "run" / "ingest"
+
+
+def bind_test_audit(recipe, dirs: dict, options: dict | None = None) -> dict:
+    """Give an audit folder written by a test (``dirs['audit']``, plus ``'train'`` and
+    ``'ingest'``) the binding the real audit records (synthpath.audit.gate), so the release
+    gate sees an audit of the current weights, recipe and tile store. Writes stand-in
+    ingest/audit manifests where the test has none."""
+    import json as _json
+
+    from synthpath.audit.gate import current_binding
+
+    for name in ("ingest", "audit"):
+        m = Path(dirs[name]) / "manifest.json"
+        if not m.is_file():
+            m.write_text(_json.dumps({"stage": name, "fingerprint": "test", "finished_at": "test"}))
+    binding = current_binding(recipe, dirs["train"], dirs["ingest"], options)
+    flt = Path(dirs["audit"]) / "filter" / "filter.json"
+    if not flt.is_file():
+        flt.parent.mkdir(parents=True, exist_ok=True)
+        flt.write_text("{}")
+    for p in (Path(dirs["audit"]) / "report.json", flt):
+        doc = _json.loads(p.read_text())
+        doc["binding"] = binding
+        p.write_text(_json.dumps(doc))
+    if "generate" in dirs:  # shards made under this audit
+        from synthpath.audit.gate import GENERATE_BINDING, file_digest
+
+        (Path(dirs["generate"]) / GENERATE_BINDING).write_text(_json.dumps(
+            {"audit_digest": file_digest(Path(dirs["audit"]) / "report.json"), "binding": binding}))
+    return binding

@@ -83,27 +83,34 @@ def test_mia_low_fpr_note_and_roc_png(tmp_path):
 
 
 # --------------------------------------------------------------------------- feature spaces
-def test_pixel_space_views_catch_shift():
+def test_pixel_space_views_catch_shift_and_dihedral():
     from PIL import Image
 
     rng = np.random.default_rng(3)
 
-    def tissue_like():  # structure at the scale of the 16x16 grid, like tissue at tile scale
-        small = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
-        return np.asarray(Image.fromarray(small).resize((64, 64), Image.BICUBIC))[None]
+    def tissue_like(side=64):  # structure at the scale of the pooling grid, like tissue at tile scale
+        small = rng.integers(0, 255, size=(side // 4, side // 4, 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(small).resize((side, side), Image.BICUBIC))[None]
 
     img, other = tissue_like(), tissue_like()
     sp = PixelSpace(64)
-    assert sp.max_shift == 4 and len(sp.offsets) == 81
+    assert sp.parts == 4 and sp.shift_tolerance_px == 32 and sp.n_views == 8 * 17 ** 2
     base = sp.embed(img)
-    for shift in ((3, -2), (-4, 1), (1, 1)):
-        shifted = np.roll(img, shift, axis=(1, 2))
-        d_shift = knn_views(sp.embed_views(shifted), base, 1).dist[0, 0]
-        d_plain = torch.linalg.norm(sp.embed(shifted) - base)
-        assert d_shift < 0.05 and d_plain > 0.25, (shift, d_shift, d_plain)
-    assert knn_views(sp.embed_views(other), base, 1).dist[0, 0] > 1.0
+    assert base.shape == (1, sp.dim) and sp.embed_views(img).shape == (1, sp.n_views, sp.view_dim)
+    big = tissue_like(128)[0]  # the tile sits in real-looking surroundings
+    tile = big[32:96, 32:96][None]
+    base = sp.embed(tile)
+    for dy, dx in ((3, -2), (-32, 0), (32, 32), (-30, 17), (1, 1)):
+        moved = big[32 + dy:96 + dy, 32 + dx:96 + dx][None]  # the tile shifted, new tissue filling the rest
+        d_shift = knn_views(sp.embed_views(moved), base, 1).dist[0, 0]
+        assert d_shift < 0.2, ((dy, dx), d_shift)
+    for k in range(1, 4):
+        turned = np.ascontiguousarray(np.rot90(tile, k, axes=(1, 2)))
+        assert knn_views(sp.embed_views(turned), base, 1).dist[0, 0] < 1e-3
+    assert knn_views(sp.embed_views(tile[:, :, ::-1].copy()), base, 1).dist[0, 0] < 1e-3
+    assert knn_views(sp.embed_views(other), sp.embed(img), 1).dist[0, 0] > 0.5
     # both input layouts embed identically
-    x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(tile).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert sp.embed(x).allclose(base, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ from synthpath.generate.runner import finalise, sample_meta
 from synthpath.generate.writers import finished_marker, sample_members, write_json_atomic, write_shard
 from synthpath.pipeline import ReleaseBlocked, StageContext, StageError
 from synthpath.recipe import parse_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import bind_test_audit  # noqa: E402
 
 
 CLASSES = ["tumour", "stroma", "normal"]
@@ -109,6 +113,7 @@ def build_run(tmp_path: Path, *, passed: bool = True, dp: bool = True, **export)
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(dirs["audit"] / "contact_sheet.png")
     build_generate_dir(dirs["generate"], recipe)
+    bind_test_audit(recipe, dirs)
     return recipe, dirs
 
 
@@ -172,7 +177,15 @@ def test_export_refuses_after_failed_audit(tmp_path):
     with pytest.raises(ReleaseBlocked, match="mia_auc"):
         hfmod.run(ctx_for(recipe, dirs, tmp_path))
     assert not (recipe.output_dir / "export.partial" / "hf").exists()
-    # with the override, it exports and the card says so first, in bold
+    # the override now, for an audit that was not itself run with it, is refused too
+    with pytest.raises(ReleaseBlocked, match="mia_auc"):
+        hfmod.run(ctx_for(recipe, dirs, tmp_path, allow_failed_audit=True))
+    # an audit run with the override (as the audit stage records it) and the override now: it
+    # exports and the card says so first, in bold
+    rep = json.loads((dirs["audit"] / "report.json").read_text())
+    rep["allowed_failed"] = True
+    (dirs["audit"] / "report.json").write_text(json.dumps(rep))
+    bind_test_audit(recipe, dirs, {"allow_failed_audit": True})
     summary = hfmod.run(ctx_for(recipe, dirs, tmp_path, allow_failed_audit=True))
     assert summary["audit_overridden"] is True
     card = (recipe.output_dir / "export.partial" / "hf" / "README.md").read_text()
@@ -256,10 +269,21 @@ def test_card_numbers_equal_their_sources(tmp_path, dp):
     else:
         assert "without differential privacy" in card
     assert "ROC AUC: 0.53" in card and "TPR at FPR 0.01: 0.0213" in card and "41.37" in card
-    assert "> 3 holdout patients only" in card and "![contact sheet](contact_sheet.png)" in card
+    assert "> 3 holdout patients only" in card
     for n in ("10x", "20x"):
         assert (export_dir / "hf" / f"samples_{n}.png").is_file() and f"(samples_{n}.png)" in card
-    assert (export_dir / "hf" / "contact_sheet.png").is_file()
+    # the audit's contact sheet shows real training tiles: neither exported nor embedded
+    assert (dirs["audit"] / "contact_sheet.png").is_file()
+    assert not (export_dir / "hf" / "contact_sheet.png").exists() and "contact_sheet.png" not in card
+    # the release manifest lists every released file with its kind
+    manifest = json.loads((export_dir / "hf" / "release_manifest.json").read_text())
+    listed = {e["file"]: e["kind"] for e in manifest["files"]}
+    assert listed["export/hf/README.md"] == "text" and listed["export/hf/evaluation.json"] == "statistic"
+    assert listed["export/hf/samples_10x.png"] == "synthetic image"
+    assert any(f.startswith("generate/shards/") and k == "synthetic image" for f, k in listed.items())
+    on_disk = {f"export/hf/{p.relative_to(export_dir / 'hf').as_posix()}" for p in (export_dir / "hf").rglob("*")
+               if p.is_file() and p.name != "release_manifest.json"}
+    assert on_disk == {f for f in listed if f.startswith("export/hf/")}
     # the YAML header the Hub reads
     import yaml
 

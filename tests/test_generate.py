@@ -4,17 +4,21 @@ sharded runner (interruption, world size 2, release gate) with a tiny real model
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from synthpath.generate.plan import holdout_slide_ids, largest_remainder, make_plan, stable_seed
+from synthpath.generate.plan import holdout_slide_ids, largest_remainder, make_plan, stable_seed, window_grids
 from synthpath.generate.runner import rank_world
 from synthpath.generate.writers import encode_png, finished_marker, sample_members, write_shard, write_tar
 from synthpath.pipeline import StageError
 from synthpath.recipe import parse_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import bind_test_audit  # noqa: E402
 
 
 
@@ -59,10 +63,12 @@ def test_plan_is_deterministic_and_complete(tmp_path):
         assert s.shard == s.index // 4
         # the stack is nested: each finer tile lies inside the coarser one
         for a, b in zip(s.position, s.position[1:]):
-            assert b.row // 2 == a.row and b.col // 2 == a.col
-        assert s.position[0].row < 2 and s.position[0].col < 2
+            assert a.x <= b.x / 2 and (b.x + 32) / 2 <= a.x + 32 and a.y <= b.y / 2 and (b.y + 32) / 2 <= a.y + 32
+        # stacks mode: each tile is one of synthesis's windows (so it is generated exactly once)
+        grids = window_grids((2, 2), [2.0, 1.0, 0.5], 32, 8)
+        for p in s.position:
+            assert grids[p.level][0][p.row] == p.y and grids[p.level][1][p.col] == p.x
         assert [p.name for p in s.position] == ["5x", "10x", "20x"]
-        assert s.position[-1].x == s.position[-1].col * 32
     # stacks within a slide are distinct
     for sl in p1.slides:
         stacks = {tuple((p.row, p.col) for p in p1.samples[i].position) for i in sl.samples}
@@ -84,8 +90,14 @@ def test_sample_seeds_depend_only_on_seed_and_index(tmp_path):
 
 
 def test_plan_errors_name_the_key(tmp_path):
+    from synthpath.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="generate.samples_per_slide"):  # caught when the recipe is read
+        small_recipe(tmp_path, samples_per_slide=65, layout_tiles=[1, 1])
+    r = small_recipe(tmp_path, layout_tiles=[1, 1])
+    r.generate.samples_per_slide = 65  # and again by the plan, for a recipe changed after validation
     with pytest.raises(StageError, match="samples_per_slide"):
-        make_plan(small_recipe(tmp_path, samples_per_slide=65, layout_tiles=[1, 1]))
+        make_plan(r)
     with pytest.raises(StageError, match="label_proportions"):
         make_plan(small_recipe(tmp_path, label_proportions=None))
 
@@ -214,6 +226,7 @@ def _run_dirs(tmp_path: Path, *, copy_all: bool = False, passed: bool = True, **
     big = 1e9 if copy_all else 0.0
     ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
                         {"pixel": {lv: {"d1": big, "cal": big} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
+    bind_test_audit(recipe, dirs)
     return recipe, dirs
 
 
@@ -235,36 +248,53 @@ def _keys(shard_dir: Path) -> list[str]:
 def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     from synthpath.generate import runner
 
-    recipe, dirs = _run_dirs(tmp_path)
+    # one slide per group; 3-sample shards, so slide syn00001 (samples 2, 3) straddles two shards
+    recipe, dirs = _run_dirs(tmp_path, slides_per_group=1, shard_samples=3)
     plan = make_plan(recipe)
+    assert plan.n_groups == 3 and plan.shards_of_slide(1) == [0, 1]
     seen = []
 
     def crash(sample):
         seen.append(sample.key)
-        if len(seen) == 3:  # mid-shard: shard 0 is done, shard 1 has one sample in memory
+        if len(seen) == 3:  # slides 0 and 1 are written (the hook runs after a slide's marker)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         runner.run(_ctx(recipe, dirs, on_sample=crash))
-    shard_dir = recipe.output_dir / "generate.partial" / "shards"
-    assert (shard_dir / "shard-000000.done.json").is_file()
-    assert not (shard_dir / "shard-000001.tar").exists() and not list(shard_dir.glob("*.tmp*"))
-    first = (shard_dir / "shard-000000.tar").read_bytes()
+    work = recipe.output_dir / "generate.partial"
+    assert sorted(p.name for p in (work / "work").glob("*.done.json")) == ["syn00000.done.json", "syn00001.done.json"]
+    assert not list((work / "shards").glob("*.tar"))  # shards are packed only once every slide is done
+    assert not list(work.rglob("*.tmp*"))
+    first = (work / "work" / "syn00001.tar").read_bytes()
 
     redone = []
     summary = runner.run(_ctx(recipe, dirs, on_sample=lambda s: redone.append(s.key)))
-    # shard 0 was skipped, the others made; the union is exactly the plan
-    assert redone == [s.key for s in plan.samples[2:]]
+    # only the slide in flight was made again; the union is exactly the plan, each slide made once
+    assert redone == [s.key for s in plan.samples if s.slide_index == 2]
+    shard_dir = work / "shards"
     keys = _keys(shard_dir)
     assert keys == [s.key for s in plan.samples] and len(set(keys)) == len(keys)
-    assert summary["n_samples"] == 6 and summary["n_shards"] == 3
-    assert (shard_dir / "shard-000000.tar").read_bytes() == first
+    assert summary["n_samples"] == 6 and summary["n_shards"] == 2 and summary["this_run"]["slides"] == 1
+    assert not (work / "work").exists() and not list(work.rglob("*.tmp*"))
+    # stacks mode: the manifest says how many tiles were made per tile released (from every slide's marker)
+    assert summary["mode"] == "stacks" and summary["tiles_released"] == sum(plan.n_release_windows())
+    assert summary["tiles_generated"] >= summary["tiles_released"] > 0
+    assert summary["generated_per_released"] <= 1.5  # only the stacks' subtrees are made
+    assert 0 < summary["this_run"]["mean_batch_fill"] <= summary["this_run"]["batch_size"] == 8
+    assert summary["generated_per_released"] == round(summary["tiles_generated"] / summary["tiles_released"], 4)
     # a clean run in another folder gives byte-identical shards (deterministic sampling + tars)
-    recipe2, dirs2 = _run_dirs(tmp_path / "again")
+    recipe2, dirs2 = _run_dirs(tmp_path / "again", slides_per_group=1, shard_samples=3)
     runner.run(_ctx(recipe2, dirs2))
     shard_dir2 = recipe2.output_dir / "generate.partial" / "shards"
+    assert sorted(p.name for p in shard_dir.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     for p in sorted(shard_dir.glob("*.tar")):
         assert (shard_dir2 / p.name).read_bytes() == p.read_bytes(), p.name
+    import tarfile
+
+    with tarfile.open(shard_dir / "shard-000000.tar") as tar:
+        slide1 = {m.name: tar.extractfile(m).read() for m in tar if m.name.startswith("syn00001_0000.")}
+    with tarfile.open(fileobj=__import__("io").BytesIO(first)) as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar if m.name.startswith("syn00001_0000.")} == slide1
 
     # sample JSON and images
     import webdataset as wds
@@ -277,32 +307,54 @@ def test_interrupted_generation_resumes_to_exact_sample_set(tmp_path):
     assert len(meta["model_hash"]) == 16
 
 
-def test_world_size_two_gives_same_union(tmp_path, monkeypatch):
+def test_slides_mode_releases_every_tile(tmp_path):
     from synthpath.generate import runner
 
-    recipe, dirs = _run_dirs(tmp_path)
+    recipe, dirs = _run_dirs(tmp_path, mode="slides", samples_per_slide=1, n_slides=2, shard_samples=3)
+    plan = make_plan(recipe)
+    # a 1x1 layout over two levels holds 4 stacks: every one is a sample, in stack order
+    assert len(plan.samples) == 8 and [s.position[-1].col + 2 * s.position[-1].row for s in plan.samples[:4]] == [0, 1, 2, 3]
+    summary = runner.run(_ctx(recipe, dirs))
+    assert summary["mode"] == "slides" and summary["distinct_images_released_per_level"] == [2, 8]
+    assert summary["n_samples"] == 8
+    recipe.export.slides = False
+    with pytest.raises(StageError, match="generate.mode: slides"):  # a TIFF of a stacks-mode slide would be empty
+        recipe.export.slides, recipe.generate.mode = True, "stacks"
+        make_plan(recipe)
+    # the whole slide is released, so every generated tile window is used
+    assert summary["tiles_generated"] == summary["tiles_released"] and summary["generated_per_released"] == 1.0
+
+
+def test_world_size_two_gives_same_bytes(tmp_path, monkeypatch):
+    from synthpath.generate import runner
+
+    # whole slides (TIFFs need mode slides): 3 slides of 4 stacks, shards of 5 (slides straddle shards)
+    recipe, dirs = _run_dirs(tmp_path, slides_per_group=1, shard_samples=5, mode="slides")
     recipe.export.slides = True
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(runner.ShardsPending, match="rank 0 of 2"):
         runner.run(_ctx(recipe, dirs))
-    shard_dir = recipe.output_dir / "generate.partial" / "shards"
-    assert sorted(p.name for p in shard_dir.glob("*.done.json")) == ["shard-000000.done.json", "shard-000002.done.json"]
+    work = recipe.output_dir / "generate.partial"
+    # rank 0 made groups 0 and 2 (one slide each); nothing is packed yet
+    assert sorted(p.name for p in (work / "work").glob("*.done.json")) == ["syn00000.done.json", "syn00002.done.json"]
+    assert not list((work / "shards").glob("*.tar"))
     monkeypatch.setenv("RANK", "1")
     summary = runner.run(_ctx(recipe, dirs))  # the last worker finalises
     assert summary["world"] == 2 and summary["rank"] == 1
     monkeypatch.delenv("WORLD_SIZE")  # (webdataset itself reads these too)
     monkeypatch.delenv("RANK")
-    keys2 = _keys(shard_dir)
-
-    recipe1, dirs1 = _run_dirs(tmp_path / "w1")
+    recipe1, dirs1 = _run_dirs(tmp_path / "w1", slides_per_group=1, shard_samples=5, mode="slides")
+    recipe1.export.slides = True
     runner.run(_ctx(recipe1, dirs1))
-    keys1 = _keys(recipe1.output_dir / "generate.partial" / "shards")
-    assert keys1 == keys2 == [s.key for s in make_plan(recipe).samples]
-    # each slide's TIFF was written once, by the rank owning its first sample; OpenSlide opens it
+    work1 = recipe1.output_dir / "generate.partial"
+    for rel in ("shards/shard-000000.tar", "shards/shard-000001.tar", "shards/shard-000002.tar", "slides/syn00001.tiff"):
+        assert (work / rel).read_bytes() == (work1 / rel).read_bytes(), rel
+    assert _keys(work / "shards") == [s.key for s in make_plan(recipe).samples]
+    # each slide's TIFF was written once, by the rank making the slide; OpenSlide opens it
     import openslide
 
-    tiffs = sorted((recipe.output_dir / "generate.partial" / "slides").glob("*"))
+    tiffs = sorted((work / "slides").glob("*"))
     assert [p.name for p in tiffs] == ["syn00000.tiff", "syn00001.tiff", "syn00002.tiff"]
     assert summary["slide_tiffs"] == [p.name for p in tiffs]
     with openslide.OpenSlide(str(tiffs[1])) as osr:

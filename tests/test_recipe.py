@@ -110,7 +110,7 @@ def test_section_hash_changes_only_with_its_section(tmp_path):
 def test_units():
     assert parse_mpp("20x") == 0.5 and parse_mpp("1.25x") == 8.0 and parse_mpp(0.25) == 0.25
     assert parse_mpp("0.5mpp") == 0.5
-    assert [level_name(m) for m in (0.5, 2.0, 8.0, 0.25)] == ["20x", "5x", "mpp8", "40x"]
+    assert [level_name(m) for m in (0.5, 2.0, 8.0, 0.25, 4.0, 0.3)] == ["20x", "5x", "1.25x", "40x", "2.5x", "mpp0_3"]
     for bad in ("abc", -1, 0, "x"):
         with pytest.raises(ValueError):
             parse_mpp(bad)

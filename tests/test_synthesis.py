@@ -124,7 +124,7 @@ def test_same_seed_same_slide_and_batching_independent(m32):
 
 def test_known_neighbours_are_continued(m32):
     """Overlapping tiles: each later tile keeps the pixels its neighbours already made."""
-    pyr = synthesize_slide(m32, 1, (1, 2), [1.0], seed=5, sampler=FAST)
+    pyr = synthesize_slide(m32, 1, (1, 2), [1.0], seed=5, sampler=FAST, seams="inpaint")
     img = pyr.levels[0]
     xs = tile_positions(64, 32, 8)
     assert xs == [0, 16, 32]
@@ -132,6 +132,12 @@ def test_known_neighbours_are_continued(m32):
     # right half, was given that half as known pixels and returned it unchanged
     first = synthesize_slide(m32, 1, (1, 1), [1.0], seed=5, sampler=FAST).levels[0]
     assert np.abs(first.astype(int) - img[:, :32].astype(int)).max() <= 1
+    # feathered seams (the default) keep the known pixels too, except the feather_px columns
+    # next to the new tile's own pixels, which cross-fade into them
+    fe = synthesize_slide(m32, 1, (1, 2), [1.0], seed=5, sampler=FAST)
+    assert fe.seams == "feather" and fe.feather_px == 4
+    assert np.abs(first[:, :28].astype(int) - fe.levels[0][:, :28].astype(int)).max() <= 1
+    assert np.abs(first[:, 28:32].astype(int) - fe.levels[0][:, 28:32].astype(int)).max() > 1
 
 
 def test_without_seam_inpainting_neighbours_are_overwritten(m32):
@@ -148,7 +154,11 @@ def test_without_seam_inpainting_neighbours_are_overwritten(m32):
 
 def test_tile_filter_regenerates_near_copies(m32):
     levels, layout = [1.0], (1, 2)
-    ref = synthesize_slide(m32, 0, layout, levels, seed=11, sampler=FAST)
+    # hard seams, so each final window is exactly the tile the filter saw (feathering would
+    # cross-fade the first tile's last columns into the second tile afterwards)
+    FAST = SamplerConfig(name="dpmpp_2m", steps=1, guidance_scale=1.0, zoom_start=0.5)
+    kw = dict(seams="inpaint")
+    ref = synthesize_slide(m32, 0, layout, levels, seed=11, sampler=FAST, **kw)
     px = 32
     xs = tile_positions(64, px, px // 4)
     ref_tiles = torch.stack([torch.from_numpy(ref.levels[0][:, x:x + px]).permute(2, 0, 1).float() / 127.5 - 1 for x in xs])
@@ -160,7 +170,7 @@ def test_tile_filter_regenerates_near_copies(m32):
         d = torch.cdist(images.flatten(1), ref_tiles.flatten(1)).amin(1) / images[0].numel() ** 0.5
         return d < 0.02
 
-    out = synthesize_slide(m32, 0, layout, levels, seed=11, sampler=FAST, tile_filter=near_copy)
+    out = synthesize_slide(m32, 0, layout, levels, seed=11, sampler=FAST, tile_filter=near_copy, **kw)
     # the first attempt reproduces the reference exactly, so its first tile is flagged and regenerated
     assert out.n_filtered >= 1
     assert sum(calls) == 3 + out.n_filtered

@@ -133,6 +133,29 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
 
 
 # --------------------------------------------------------------------------- training
+def one_cycle(steps: int, warmup_share: float = 0.1, start: float = 1 / 25, end: float = 1 / 25e4,
+              beta1: tuple[float, float] = (0.95, 0.85)) -> Callable[[int], tuple[float, float]]:
+    """(learning-rate factor, Adam beta1) per step: the one-cycle schedule (cosine warm-up
+    from ``start`` to 1 over ``warmup_share`` of the steps while beta1 falls from 0.95 to
+    0.85, then cosine decay to ``end`` while beta1 climbs back), defined for every
+    ``steps >= 1``: torch's OneCycleLR divides by zero when its warm-up phase is shorter
+    than one step (``audit.encoder_steps: 10``)."""
+    warm = max(1.0, warmup_share * steps - 1)
+    decay = max(1.0, steps - 1 - warm)
+
+    def cos(a: float, b: float, frac: float) -> float:
+        return b + (a - b) / 2 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+    def at(step: int) -> tuple[float, float]:
+        if step <= warm:
+            f = step / warm
+            return cos(start, 1.0, f), cos(beta1[0], beta1[1], f)
+        f = (step - warm) / decay
+        return cos(1.0, end, f), cos(beta1[1], beta1[0], f)
+
+    return at
+
+
 def train_encoder(images: Tensor | np.ndarray, steps: int, *, seed: int = 0, batch_size: int = 64,
                   lr: float = 2e-3, device=None, width: int = 16, dim: int = 128,
                   log: Callable[[int, float], None] | None = None) -> tuple[AuditEncoder, list[float]]:
@@ -151,12 +174,16 @@ def train_encoder(images: Tensor | np.ndarray, steps: int, *, seed: int = 0, bat
     torch.manual_seed(seed)
     enc = AuditEncoder(width=width, dim=dim, input_px=min(64, side)).to(device)
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
+    schedule = one_cycle(steps)
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, x.shape[0])
     losses: list[float] = []
     enc.train()
     for step in range(steps):
+        factor, beta1 = schedule(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+            group["betas"] = (beta1, group["betas"][1])
         idx = torch.randperm(x.shape[0], generator=gen)[:bs]
         xb = as_model_images(x[idx], device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -167,7 +194,6 @@ def train_encoder(images: Tensor | np.ndarray, steps: int, *, seed: int = 0, bat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
         opt.step()
-        sched.step()
         losses.append(float(loss.detach()))
         if log is not None:
             log(step, losses[-1])
@@ -231,3 +257,38 @@ class LearnedSpace(FeatureSpace):
                  trained_on="training tiles only; never released", **{k: v for k, v in self.info.items()
                                                                        if k != "config"})
         return d
+
+
+# --------------------------------------------------------------------------- is it any good?
+def retrieval_check(space: FeatureSpace, images: np.ndarray, *, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Can the space tell held-out tiles apart? Each tile (uint8 [N,H,W,3], tiles the encoder
+    never saw) is altered as a copy would be (:func:`augment`: crop/shift, flip, rotation,
+    colour jitter, blur) and looked up among the N originals; ``accuracy`` is the share whose
+    nearest original is its own source. The space is ``usable`` when the accuracy is
+    significantly above chance (1/N, one-sided exact binomial test at ``alpha``). An
+    undertrained encoder maps every tile to nearly the same point: its nearest neighbours
+    are noise, so it would call unrelated tiles copies. (The audit also probes each learned
+    space with pure-noise tiles: :func:`synthpath.audit.calibration.noise_probe`.)"""
+    from .stats import binomial_excess
+
+    n = int(images.shape[0])
+    if n < 2:
+        return {"usable": False, "n": n, "accuracy": None, "reason": f"only {n} held-out tile(s) to test the encoder on"}
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    alt = augment(x, gen, max_shift=0.05, min_scale=0.85)
+    alt_u8 = ((alt + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    ref = space.embed(images).float()
+    q = space.embed(alt_u8).float()
+    nn_idx = torch.cdist(q, ref).argmin(dim=1)
+    hits = int((nn_idx == torch.arange(n)).sum())
+    test = binomial_excess(hits, n, 1.0 / n, alpha)
+    acc = hits / n
+    usable = test["reject"]
+    out = {"usable": bool(usable), "n": n, "hits": hits, "accuracy": acc, "chance": 1.0 / n,
+           "p_value": test["p_value"], "interval": test["interval"],
+           "test": "altered held-out tiles retrieved among the originals (top-1)"}
+    if not usable:
+        out["reason"] = (f"retrieves {hits} of {n} altered held-out tiles ({acc:.0%}; chance {1 / n:.1%}), not "
+                         f"significantly better than chance (p = {test['p_value']:.2g})")
+    return out

@@ -1,14 +1,25 @@
-"""Exact k-nearest-neighbour search in bounded memory, and the memorization metrics on it.
+"""Exact k-nearest-neighbour search against a device-resident bank, and the memorization
+metrics on it.
 
-Search (:func:`knn`): Euclidean distances from ``|q|² + |b|² - 2 q·b``, computed one
-(query chunk × base chunk) block at a time with a matmul, keeping a running top-k per query.
-Memory is O(query_chunk × base_chunk) whatever the set sizes; the base may live on the
-CPU (even as float16) and is moved to the device chunk by chunk. On CUDA the matmul may run
-in bf16 (``fast=True``); the top ``k + rerank_extra`` candidates are then re-ranked with
-exact float32 distances, so reported distances are float32-exact.
+Search (:class:`NeighbourIndex`). The training bank and its squared norms are moved to the
+device ONCE, when the index is built; every later :meth:`NeighbourIndex.search` only uploads
+its queries. The audit (holdout calibration, synthetic tiles) and the release filter (every
+generation batch) hold one index per feature space and level and reuse it, so a filter call
+costs one small matmul against the resident bank, never a re-upload of the bank.
 
-Queries with several views (:func:`knn_views`, shift-tolerant pixel space) are searched per
-view; for each base item the smallest distance over views is kept.
+Distances are Euclidean, from ``|q|² + |b|² - 2 q·b``, computed one (query chunk × bank
+block) at a time with a matmul, keeping a running top-k per query; memory is bounded by
+``block_bytes`` whatever the set sizes. On CUDA the candidate matmul runs in bf16 by default
+(``precision="auto"``); the top ``k + rerank_extra`` candidates of every query are then
+re-ranked with float32 distances against the bank as stored, so reported distances and the
+order of the returned neighbours are float32-exact. On the CPU everything is float32.
+
+Views and parts. A query may come as several *views* ``[Q, V, D]`` (the pixel space's
+shifted windows under the 8 dihedral transforms) and a bank row as several *parts*
+``[N, P·D]`` (the pixel space's four half-tile quadrants, concatenated). The distance from
+a query to a bank tile is the smallest over its views and the tile's parts; each bank tile
+appears at most once in a query's neighbours, and indices are tile rows. ``parts`` is
+inferred as ``bank dim / query dim`` when not given.
 
 Metrics (same level only; the caller splits by level):
 - Carlini et al.'s calibrated ℓ2: d1 / mean(d1..dn) over the n nearest training tiles;
@@ -30,7 +41,7 @@ from torch import Tensor
 @dataclass
 class Neighbours:
     dist: Tensor  # float32 [Q, k], ascending
-    index: Tensor  # int64 [Q, k] into the base
+    index: Tensor  # int64 [Q, k] into the base (tile rows)
 
 
 def _device(device) -> torch.device:
@@ -46,92 +57,159 @@ def _as2d(x, name: str) -> Tensor:
     return t
 
 
-def knn(query, base, k: int, *, device=None, query_chunk: int = 4096, base_chunk: int = 65536,
-        fast: bool = False, rerank_extra: int = 8) -> Neighbours:
-    """Exact k nearest base rows for every query row (Euclidean).
+def _as_views(x) -> Tensor:
+    t = torch.as_tensor(x) if not isinstance(x, Tensor) else x
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    if t.dim() != 3:
+        raise ValueError(f"queries must be [Q, D] or views [Q, V, D], got shape {tuple(t.shape)}")
+    return t
 
-    ``fast=True`` on CUDA uses bf16 matmuls for candidate search, then re-ranks
-    ``k + rerank_extra`` candidates in float32. If the base has fewer than ``k`` rows the
-    missing columns hold ``inf`` distance and index -1.
+
+class NeighbourIndex:
+    """A bank of vectors resident on ``device`` with its norms, searched many times.
+
+    ``base``: [N, P·D] (``parts`` = P vectors of D per tile; P = 1 for plain features).
+    ``precision``: ``"auto"`` (bf16 candidates + fp32 re-rank on CUDA, fp32 elsewhere),
+    ``"bf16"`` or ``"fp32"``. ``block_bytes`` bounds the distance block held at once.
     """
-    q_all = _as2d(query, "query")
-    b_all = _as2d(base, "base")
-    if q_all.shape[1] != b_all.shape[1]:
-        raise ValueError(f"query dim {q_all.shape[1]} != base dim {b_all.shape[1]}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    dev = _device(device)
-    nq, nb = q_all.shape[0], b_all.shape[0]
-    use_bf16 = fast and dev.type == "cuda"
-    kk = min(nb, k + (rerank_extra if use_bf16 else 0))
-    out_d = torch.full((nq, k), float("inf"))
-    out_i = torch.full((nq, k), -1, dtype=torch.long)
-    if nq == 0 or nb == 0:
+
+    def __init__(self, base, *, parts: int | None = None, device=None, precision: str = "auto",
+                 block_bytes: int | None = None, rerank_extra: int = 8):
+        b = _as2d(base, "base")
+        self.device = _device(device)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.n = int(b.shape[0])
+        self.width = int(b.shape[1])
+        self.parts = int(parts) if parts is not None else None
+        self.rerank_extra = int(rerank_extra)
+        self.block_bytes = int(block_bytes or ((1 << 30) if self.device.type == "cuda" else (64 << 20)))
+        # the bank as stored (fp16 or fp32) for the exact re-rank, and fp32 norms: once
+        self.exact = b.to(self.device)
+        if not self.exact.is_floating_point():
+            raise ValueError(f"base must be floating point, got {b.dtype}")
+        self._mat: Tensor | None = None
+        self._norm: Tensor | None = None
+        if self.parts is not None:
+            self._prepare(self.parts)
+
+    def _prepare(self, parts: int) -> None:
+        if parts < 1 or self.width % parts:
+            raise ValueError(f"bank rows of width {self.width} cannot hold {parts} parts")
+        self.parts = parts
+        self.dim = self.width // parts
+        flat = self.exact.reshape(self.n * parts, self.dim)
+        norms = torch.empty(flat.shape[0], dtype=torch.float32, device=self.device)
+        step = max(1, (256 << 20) // max(1, 4 * self.dim))
+        for s in range(0, flat.shape[0], step):
+            norms[s:s + step] = flat[s:s + step].float().pow(2).sum(1)
+        self._norm = norms
+        if self.use_bf16:
+            self._mat = flat.to(torch.bfloat16)
+        else:
+            self._mat = flat if flat.dtype == torch.float32 else flat.float()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def search(self, queries, k: int, *, query_chunk: int | None = None) -> Neighbours:
+        """k nearest tiles for every query ([Q, D] or views [Q, V, D]); missing columns
+        (fewer than k tiles) hold ``inf`` distance and index -1."""
+        qv = _as_views(queries)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        nq, nv, d = qv.shape
+        if self.parts is None:
+            if self.width % d:
+                raise ValueError(f"query dim {d} does not divide the bank's row width {self.width}")
+            self._prepare(self.width // d)
+        if d != self.dim:
+            raise ValueError(f"query dim {d} != base dim {self.dim}")
+        out_d = torch.full((nq, k), float("inf"))
+        out_i = torch.full((nq, k), -1, dtype=torch.long)
+        if nq == 0 or self.n == 0:
+            return Neighbours(out_d, out_i)
+        P, dev = self.parts, self.device
+        kk = min(self.n, k + (self.rerank_extra if self.use_bf16 else 0))
+        rows = query_chunk or (8192 if dev.type == "cuda" else 2048)
+        qc_n = max(1, rows // nv)
+        for qs in range(0, nq, qc_n):
+            q = qv[qs:qs + qc_n].to(dev, torch.float32)
+            b = q.shape[0]
+            qf = q.reshape(b * nv, d)
+            qn = qf.pow(2).sum(1, keepdim=True)
+            qc = qf.to(self._mat.dtype)
+            bt = max(1, self.block_bytes // (4 * b * nv * P))  # tiles per block
+            best_d = torch.full((b, kk), float("inf"), device=dev)
+            best_i = torch.full((b, kk), -1, dtype=torch.long, device=dev)
+            for ts in range(0, self.n, bt):
+                te = min(self.n, ts + bt)
+                m = self._mat[ts * P:te * P]
+                d2 = torch.addmm(qn + self._norm[ts * P:te * P].unsqueeze(0), qc, m.t(), beta=1.0, alpha=-2.0) \
+                    if not self.use_bf16 else (qn + self._norm[ts * P:te * P].unsqueeze(0)) - 2.0 * (qc @ m.t()).float()
+                if nv > 1 or P > 1:
+                    d2 = d2.view(b, nv, te - ts, P).amin(dim=(1, 3))
+                kc = min(kk, te - ts)
+                cd, ci = torch.topk(d2, kc, dim=1, largest=False)
+                cat_d = torch.cat([best_d, cd], dim=1)
+                cat_i = torch.cat([best_i, ci + ts], dim=1)
+                best_d, pos = torch.topk(cat_d, kk, dim=1, largest=False)
+                best_i = torch.gather(cat_i, 1, pos)
+            if self.use_bf16:
+                best_d, best_i = self._rerank(q, best_i)
+            mk = min(k, kk)
+            out_d[qs:qs + b, :mk] = best_d[:, :mk].clamp_min(0).sqrt().cpu()
+            out_i[qs:qs + b, :mk] = best_i[:, :mk].cpu()
         return Neighbours(out_d, out_i)
-    cdtype = torch.bfloat16 if use_bf16 else torch.float32
-    # base squared norms, once
-    bnorm = torch.empty(nb, dtype=torch.float32)
-    for s in range(0, nb, base_chunk):
-        bnorm[s : s + base_chunk] = b_all[s : s + base_chunk].to(dev, torch.float32).pow(2).sum(1).cpu()
-    single_base = nb <= base_chunk
-    if single_base:
-        b_dev = b_all.to(dev, cdtype)
-        bn_dev = bnorm.to(dev)
-    for qs in range(0, nq, query_chunk):
-        q = q_all[qs : qs + query_chunk].to(dev, torch.float32)
-        qn = q.pow(2).sum(1, keepdim=True)
-        qc = q.to(cdtype)
-        best_d = torch.full((q.shape[0], kk), float("inf"), device=dev)
-        best_i = torch.full((q.shape[0], kk), -1, dtype=torch.long, device=dev)
-        for bs in range(0, nb, base_chunk):
-            if single_base:
-                b, bn = b_dev, bn_dev
-            else:
-                b = b_all[bs : bs + base_chunk].to(dev, cdtype, non_blocking=True)
-                bn = bnorm[bs : bs + base_chunk].to(dev, non_blocking=True)
-            d2 = (qn + bn.unsqueeze(0)) - 2.0 * (qc @ b.t()).float()
-            kc = min(kk, d2.shape[1])
-            cd, ci = torch.topk(d2, kc, dim=1, largest=False)
-            cat_d = torch.cat([best_d, cd], dim=1)
-            cat_i = torch.cat([best_i, ci + bs], dim=1)
-            sel_d, pos = torch.topk(cat_d, kk, dim=1, largest=False)
-            best_d, best_i = sel_d, torch.gather(cat_i, 1, pos)
-        if use_bf16:
-            cand = b_all[best_i.clamp_min(0).cpu()].to(dev, torch.float32)  # [q, kk, D]
-            best_d = (cand - q.unsqueeze(1)).pow(2).sum(-1)
-            best_d, pos = torch.sort(best_d, dim=1)
-            best_i = torch.gather(best_i, 1, pos)
-        m = min(k, kk)
-        out_d[qs : qs + q.shape[0], :m] = best_d[:, :m].clamp_min(0).sqrt().cpu()
-        out_i[qs : qs + q.shape[0], :m] = best_i[:, :m].cpu()
-    return Neighbours(out_d, out_i)
+
+    def _rerank(self, q: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 squared distances of queries q [b, V, D] to candidate tiles cand [b, c]
+        (smallest over views and parts), sorted ascending."""
+        b, nv, d = q.shape
+        P = self.parts
+        out = torch.empty(cand.shape, dtype=torch.float32, device=q.device)
+        sub = max(1, (256 << 20) // max(1, 4 * cand.shape[1] * P * (d + nv)))
+        for s in range(0, b, sub):
+            c = cand[s:s + sub]
+            rows = self.exact[c.clamp_min(0)].float().reshape(c.shape[0], c.shape[1] * P, d)  # [s, c*P, D]
+            qs = q[s:s + sub]
+            d2 = (qs.pow(2).sum(-1, keepdim=True) + rows.pow(2).sum(-1).unsqueeze(1)
+                  - 2.0 * torch.bmm(qs, rows.transpose(1, 2)))  # [s, V, c*P]
+            d2 = d2.view(c.shape[0], nv, c.shape[1], P).amin(dim=(1, 3))
+            out[s:s + sub] = d2.masked_fill(c < 0, float("inf"))
+        out, pos = torch.sort(out, dim=1)
+        return out, torch.gather(cand, 1, pos)
 
 
-def knn_views(query_views, base, k: int, **kwargs) -> Neighbours:
-    """k nearest base rows for queries given as several views [Q, V, D]: per base item the
-    smallest distance over the views counts, and each base item appears at most once."""
-    qv = torch.as_tensor(query_views) if not isinstance(query_views, Tensor) else query_views
-    if qv.dim() == 2:
-        return knn(qv, base, k, **kwargs)
-    if qv.dim() != 3:
-        raise ValueError(f"query views must be [Q, V, D], got shape {tuple(qv.shape)}")
-    nq, nv, d = qv.shape
-    nb = knn(qv.reshape(nq * nv, d), base, k, **kwargs)
-    dist = nb.dist.reshape(nq, nv * k)
-    idx = nb.index.reshape(nq, nv * k)
-    # sort by distance, then stably by index: the first of each index group is its minimum
-    dist, pos = torch.sort(dist, dim=1)
-    idx = torch.gather(idx, 1, pos)
-    idx_sorted, pos2 = torch.sort(idx, dim=1, stable=True)
-    dist_sorted = torch.gather(dist, 1, pos2)
-    dup = torch.zeros_like(idx_sorted, dtype=torch.bool)
-    dup[:, 1:] = idx_sorted[:, 1:] == idx_sorted[:, :-1]
-    dup |= idx_sorted < 0
-    dist_sorted = dist_sorted.masked_fill(dup, float("inf"))
-    kk = min(k, dist_sorted.shape[1])
-    top_d, p = torch.topk(dist_sorted, kk, dim=1, largest=False)
-    top_i = torch.gather(idx_sorted, 1, p).masked_fill(torch.isinf(top_d), -1)
-    return Neighbours(top_d, top_i)
+def knn(query, base, k: int, *, device=None, query_chunk: int | None = None, base_chunk: int | None = None,
+        fast: bool = False, rerank_extra: int = 8, precision: str | None = None) -> Neighbours:
+    """Exact k nearest base rows for every query row (Euclidean); a one-off
+    :class:`NeighbourIndex` (``base`` may also be an index). ``fast=True`` = bf16 on CUDA."""
+    return knn_views(_as2d(query, "query"), base, k, device=device, query_chunk=query_chunk, base_chunk=base_chunk,
+                     fast=fast, rerank_extra=rerank_extra, precision=precision)
+
+
+def knn_views(query_views, base, k: int, *, device=None, query_chunk: int | None = None,
+              base_chunk: int | None = None, fast: bool = False, rerank_extra: int = 8,
+              precision: str | None = None) -> Neighbours:
+    """k nearest bank tiles for queries given as several views [Q, V, D] (or [Q, D]): per
+    bank tile the smallest distance over the views (and its parts) counts, and each tile
+    appears at most once. ``base`` is a :class:`NeighbourIndex` (reused, nothing uploaded)
+    or a tensor [N, P·D] (a one-off index). ``base_chunk`` caps the tiles per block."""
+    if isinstance(base, NeighbourIndex):
+        return base.search(query_views, k, query_chunk=query_chunk)
+    prec = precision or ("bf16" if fast and _device(device).type == "cuda" else "fp32")
+    block = None
+    if base_chunk is not None:
+        qv = _as_views(query_views)
+        rows = min(qv.shape[0] * qv.shape[1], query_chunk or 2048)
+        b = _as2d(base, "base")
+        parts = max(1, b.shape[1] // qv.shape[2])
+        block = max(1, base_chunk) * 4 * max(1, rows) * parts
+    idx = NeighbourIndex(base, device=device, precision=prec, block_bytes=block, rerank_extra=rerank_extra)
+    return idx.search(query_views, k, query_chunk=query_chunk)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -194,8 +272,14 @@ def thresholds(hold_nb: Neighbours, n: int, q: float) -> tuple[float, float]:
 
 
 def is_copy(d1: Tensor, cal: Tensor, tau_d: float, tau_cal: float) -> Tensor:
-    if math.isnan(tau_d) or math.isnan(tau_cal):
-        return torch.zeros_like(d1, dtype=torch.bool)
+    """The copy rule: d1 <= tau_d and calibrated l2 <= tau_cal. Fails closed: a threshold
+    that is missing or not a finite number, or a NaN distance, is an error (never "not a
+    copy")."""
+    for name, t in (("tau_d1", tau_d), ("tau_calibrated", tau_cal)):
+        if t is None or not isinstance(t, (int, float)) or not math.isfinite(float(t)):
+            raise ValueError(f"copy threshold {name} is {t!r}; it must be a finite number (fail closed)")
+    if bool(torch.isnan(d1).any()) or bool(torch.isnan(cal).any()):
+        raise ValueError("a neighbour distance is NaN (non-finite features or images); cannot tell copies apart")
     return (d1 <= tau_d) & (cal <= tau_cal)
 
 

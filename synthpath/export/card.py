@@ -8,7 +8,8 @@ tests use that to check each number against its source. Sources:
 - the recipe (name, hash, sampler, model size);
 - ``train/config.json`` and the ``model.safetensors`` header (parameter count);
 - ``train/ledger.json`` (privacy ledger; ``{"enabled": false}`` for non-DP runs);
-- ``audit/report.json`` and ``audit/contact_sheet.png``;
+- ``audit/report.json`` (never the audit's contact sheet: it shows real training tiles and
+  stays in ``audit/``; nothing the card shows holds a real pixel);
 - ``generate/manifest.json`` (generation summary) and the shards (sample grids);
 - ``export/export.json`` (split sizes of the Parquet dataset);
 - ``evaluate/report.json`` when given (EVAL calls :func:`write_card` again after it runs);
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import struct
 from pathlib import Path
@@ -193,38 +193,54 @@ def _privacy_section(num: Numbers, ledger: dict | None, src: str) -> tuple[str, 
     return "\n".join(lines), head
 
 
-def _audit_section(num: Numbers, report: dict, src: str, sheet: str | None) -> str:
+def _audit_section(num: Numbers, report: dict, src: str) -> str:
     passed = report.get("passed")
     lines = [f"Audit verdict: **{'PASSED' if passed else 'FAILED'}** (`audit/report.json`).", ""]
     checks = report.get("checks") or {}
     if checks:
-        lines += ["| check | value | threshold | passed | details |", "|---|---|---|---|---|"]
+        lines += ["| check | value | interval | threshold | passed | details |", "|---|---|---|---|---|---|"]
         for name, c in checks.items():
             if not isinstance(c, dict):
-                lines.append(f"| `{name}` | {_cell(num, c, src, ['checks', name])} | — | — | — |")
+                lines.append(f"| `{name}` | {_cell(num, c, src, ['checks', name])} | — | — | — | — |")
                 continue
             p = c.get("passed")
-            extra = [(k, v) for k, v in _flat({k: v for k, v in c.items() if k not in ("value", "threshold", "passed")})
+            skip = ("value", "threshold", "passed", "interval", "interval_level")
+            extra = [(k, v) for k, v in _flat({k: v for k, v in c.items() if k not in skip})
                      if not (isinstance(v, str) and len(v) > 60)]
             details = "; ".join(f"`{_show(k)}` {_cell(num, v, src, ['checks', name, *k])}" for k, v in extra) or "—"
+            iv = c.get("interval")
+            ivs = (f"[{_cell(num, iv[0], src, ['checks', name, 'interval', 0])}, "
+                   f"{_cell(num, iv[1], src, ['checks', name, 'interval', 1])}] "
+                   f"({_cell(num, c.get('interval_level'), src, ['checks', name, 'interval_level'])} level)"
+                   if isinstance(iv, list) and len(iv) == 2 else "—")
             lines.append(
-                f"| `{name}` | {_cell(num, c.get('value'), src, ['checks', name, 'value'])} | "
+                f"| `{name}` | {_cell(num, c.get('value'), src, ['checks', name, 'value'])} | {ivs} | "
                 f"{_cell(num, c.get('threshold'), src, ['checks', name, 'threshold'])} | "
                 f"{'yes' if p else ('no' if p is False else '—')} | {details} |")
         lines.append("")
     mia = report.get("mia")
     if isinstance(mia, dict):
-        lines.append("Membership inference (a loss-based attack: can the model tell its training patients' tiles "
-                     "from held-out patients' tiles?):")
+        lines.append("Membership inference (a loss-based attack, each tile's loss calibrated against similar "
+                     "held-out tiles: can the model tell its training patients' tiles from held-out patients' "
+                     "tiles?). Intervals are 95% percentile bootstrap intervals:")
         lines.append("")
+        ivs = mia.get("intervals") if isinstance(mia.get("intervals"), dict) else {}
+
+        def _iv(path: list, v) -> str:
+            if not (isinstance(v, list) and len(v) == 2):
+                return ""
+            return (f" (bootstrap interval {_cell(num, v[0], src, path + [0])} to {_cell(num, v[1], src, path + [1])})")
+
         if "auc" in mia:
-            lines.append(f"- ROC AUC: {num(mia['auc'], src, ['mia', 'auc'])} (0.5 = chance)")
+            lines.append(f"- ROC AUC: {num(mia['auc'], src, ['mia', 'auc'])}"
+                         f"{_iv(['mia', 'intervals', 'auc'], ivs.get('auc'))} (0.5 = chance)")
         tp = mia.get("tpr_at_fpr")
         if isinstance(tp, dict):
             for k, e in tp.items():
                 if isinstance(e, dict) and "tpr" in e and "fpr" in e:
                     lines.append(f"- TPR at FPR {num(e['fpr'], src, ['mia', 'tpr_at_fpr', k, 'fpr'])}: "
-                                 f"{num(e['tpr'], src, ['mia', 'tpr_at_fpr', k, 'tpr'])}")
+                                 f"{num(e['tpr'], src, ['mia', 'tpr_at_fpr', k, 'tpr'])}"
+                                 + _iv(['mia', 'intervals', 'tpr_at_fpr', k], (ivs.get('tpr_at_fpr') or {}).get(k)))
         for k in ("n_members", "n_nonmembers"):
             if isinstance(mia.get(k), int):
                 lines.append(f"- {k.replace('_', ' ')}: {num(mia[k], src, ['mia', k])}")
@@ -244,9 +260,8 @@ def _audit_section(num: Numbers, report: dict, src: str, sheet: str | None) -> s
         lines.append("")
     if report.get("notes"):
         lines += ["Notes of the audit:", ""] + _quote([str(x) for x in report["notes"]]) + [""]
-    if sheet:
-        lines += ["Synthetic tiles beside their nearest training tiles (contact sheet):", "",
-                  f"![contact sheet]({sheet})", ""]
+    lines += ["The audit's contact sheet (worst synthetic tiles beside their nearest training tiles) shows real "
+              "patient tissue, so it is not part of this release; it stays with the data controller in `audit/`.", ""]
     return "\n".join(lines)
 
 
@@ -393,8 +408,11 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
         "task_categories": ["image-classification"],
         "tags": ["synthetic", "histopathology", "differential-privacy", "medical", "multi-magnification"],
         "size_categories": [_size_category(total)],
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": sp, "path": f"data/{sp}-*.parquet"} for sp in splits]}],
+        "configs": [{"config_name": "default", "default": True,
+                     "data_files": [{"split": sp, "path": f"data/{sp}-*.parquet"} for sp in splits]}]
+                   + [{"config_name": c["config"],
+                       "data_files": [{"split": sp, "path": f"{c['dir']}/{sp}-*.parquet"} for sp in c["splits"]]}
+                      for c in (export_info.get("tile_configs") or {}).values()],
         "dataset_info": {
             "features": _features_yaml(classes, level_names),
             "splits": [{"name": sp, "num_bytes": s["num_bytes"], "num_examples": s["num_examples"]}
@@ -439,6 +457,18 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
            "| `seed`, `slide_seed`, `attempt` | seeds that regenerate the sample |",
            "| `x_<level>`, `y_<level>`, `mpp_<level>` | tile position in that level's slide image, and its resolution |",
            "| `model_hash` | hash of the weights that drew it |", ""]
+    tcfg_info = export_info.get("tile_configs") or {}
+    if tcfg_info:
+        st += ["**How rows relate.** Stacks cut from one synthetic slide share their coarser tiles: stacks under "
+               "the same coarsest tile repeat its image, so the columns of a coarser level hold repeated images. "
+               "To train on one level, load that level's config, whose rows are *distinct* tiles "
+               "(`load_dataset(path, \"tiles_<level>\")`; `stack_keys` lists the stacks holding each tile):", "",
+               "| config | rows (distinct tiles) |", "|---|---|"]
+        for n, c in tcfg_info.items():
+            rows = ", ".join(f"{num(v['num_examples'], export_src, ['tile_configs', n, 'splits', sp, 'num_examples'])} "
+                             f"in `{sp}`" for sp, v in c["splits"].items())
+            st.append(f"| `{c['config']}` | {rows} |")
+        st.append("")
     st += ["| split | examples | synthetic slides |", "|---|---|---|"]
     for sp, s in splits.items():
         st.append(f"| `{sp}` | {num(s['num_examples'], export_src, ['splits', sp, 'num_examples'])} | "
@@ -469,7 +499,7 @@ def render_card(*, recipe, train_dir: Path, audit_dir: Path, generate_dir: Path,
     hm.append("- **Real data used:** the training split of the recipe's slides (patient-disjoint from the "
               "audit's holdout). No real image is included here.")
 
-    audit_txt = _audit_section(num, audit, "audit/report.json", images.get("contact_sheet"))
+    audit_txt = _audit_section(num, audit, "audit/report.json")
     utility = _utility_section(num, evaluate_report, evaluate_src)
     if not recipe.evaluate.publish:
         utility = ("Not published: `evaluate.publish` is false. The evaluation runs on real holdout patients, who "
@@ -518,10 +548,7 @@ def write_card(export_dir: Path, *, recipe, ingest_dir: Path, train_dir: Path, a
     info = _read_json(export_dir / "export.json", "the export summary")
     hf_dir.mkdir(parents=True, exist_ok=True)
     images: dict = {"grids": {}}
-    sheet = Path(audit_dir) / "contact_sheet.png"
-    if sheet.is_file():
-        shutil.copyfile(sheet, hf_dir / "contact_sheet.png")
-        images["contact_sheet"] = "contact_sheet.png"
+    (hf_dir / "contact_sheet.png").unlink(missing_ok=True)  # left by an older export: real patient tiles
     for name in _sample_grids(generate_dir, hf_dir, info["classes"], info["level_names"]):
         images["grids"][name[len("samples_"):-len(".png")]] = name
     ev, ev_src = None, "evaluate/report.json"
@@ -539,4 +566,7 @@ def write_card(export_dir: Path, *, recipe, ingest_dir: Path, train_dir: Path, a
     write_json(hf_dir / "card_provenance.json", prov)
     card = hf_dir / "README.md"
     write_text(card, text)
+    from .release import write_release_manifest
+
+    write_release_manifest(export_dir, generate_dir)
     return card

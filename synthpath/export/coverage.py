@@ -25,7 +25,7 @@ def _label_row(num: Callable, ledger: dict | None, recipe) -> str:
                  if isinstance(parts.get("label_shares"), (int, float)) else "")
         return (f"**ε (composed)**: a Gaussian mechanism, noise σ = "
                 f"{num(block['sigma'], LEDGER, ['label_shares', 'sigma'])} on the sum of per-{ledger.get('unit')} "
-                f"label-share vectors of L2 norm ≤ 1, from a "
+                f"label-share vectors bounded to unit L2 norm, from a "
                 f"{num(block['budget_share'], LEDGER, ['label_shares', 'budget_share'])} share of the budget"
                 f"{alone}; composed with training in one accountant, so the ε above includes it")
     if dp:
@@ -38,7 +38,7 @@ def _weights_row(num: Callable, ledger: dict | None) -> str:
         return "**not covered**: trained without differential privacy"
     return (f"**ε**: DP-SGD (Opacus) at the {ledger.get('unit')} level, ε = "
             f"{num(ledger['epsilon'], LEDGER, ['epsilon'])}, δ = {num(ledger['delta'], LEDGER, ['delta'])} "
-            f"(δ rule: {ledger.get('delta_rule', '?')}); every synthetic tile is drawn from these weights, which is "
+            f"(δ rule: `{ledger.get('delta_rule', '?')}`); every synthetic tile is drawn from these weights, which is "
             "post-processing")
 
 
@@ -93,10 +93,10 @@ def coverage_section(num: Callable, *, recipe, ledger: dict | None, audit: dict,
             k = num(gp["group_size"], LEDGER, ["group_privacy", "group_size"])
             r = num(gp["zoom"], LEDGER, ["group_privacy", "zoom"])
             lines += ["", f"**Tile level: one tile is not one unit.** A coarse tile is also the parent crop that "
-                          f"conditions its r² = {r}² children, so one coarse tile's family touches a group of "
-                          f"1 + r² = {k} units. Neighbouring datasets that differ in such a family are covered only "
+                          f"conditions its r² children one level finer (zoom r = {r}), so one coarse tile's family "
+                          f"(the tile and its children) touches a group of {k} units. Neighbouring datasets that differ in such a family are covered only "
                           f"through group privacy: ε = {num(gp['epsilon'], LEDGER, ['group_privacy', 'epsilon'])}, "
-                          f"δ = {num(gp['delta'], LEDGER, ['group_privacy', 'delta'])} ({gp.get('rule')})"
+                          f"δ = {num(gp['delta'], LEDGER, ['group_privacy', 'delta'])} (`{gp.get('rule')}`)"
                           + ("." if gp.get("meaningful") else "; with this δ the group bound is **vacuous**: "
                              "no meaningful guarantee holds for a coarse tile's family.")]
     return "\n".join(lines)

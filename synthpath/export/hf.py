@@ -3,9 +3,19 @@
 Layout of ``export/``::
 
     hf/README.md                         dataset card (YAML header + body), see card.py
-    hf/data/train-00000-of-0000N.parquet one row per multi-magnification stack
+    hf/data/train-00000-of-0000N.parquet config "default": one row per multi-magnification stack
     hf/data/test-00000-of-0000M.parquet  (split by synthetic slide, export.test_fraction)
+    hf/tiles_<level>/train-....parquet   config "tiles_<level>": one row per distinct tile at
+    hf/tiles_<level>/test-....parquet    that level, with the keys of the stacks it belongs to
     hf/*.png                             contact sheet and sample grids shown in the card
+    webdataset/shard-*.tar, index.json   the WebDataset shards (export.webdataset), hard links
+                                         to (or copies of) generate/shards, sha256-checked
+
+How rows relate. Stacks of one slide share their coarser tiles: two stacks under the same
+coarsest tile repeat its image in ``image_<coarsest>``. A user training on one level should
+take that level's ``tiles_<level>`` config, whose rows are distinct images (each with
+``stack_keys``, the stacks that contain it); the finest level's tiles are distinct in the
+default config too.
 
 Rows are read from the generate stage's WebDataset shards (each shard's sha256 checked
 against its done-marker first), so the HF dataset and the shards hold the same samples.
@@ -33,7 +43,7 @@ import pyarrow.parquet as pq
 
 from ..pipeline import StageContext, StageError
 from ..generate.plan import holdout_slide_ids
-from ..generate.runner import release_allowed
+from ..audit.gate import require_release
 from ..generate.writers import sha256_file
 
 log = logging.getLogger("synthpath.export")
@@ -241,17 +251,125 @@ def export_hf(generate_dir: Path, hf_dir: Path, *, classes: list[str], test_frac
     return out
 
 
+def tile_features(classes: list[str]):
+    """The ``datasets.Features`` of a ``tiles_<level>`` config (one distinct tile a row)."""
+    import datasets
+
+    return datasets.Features({
+        "image": datasets.Image(),
+        "label": datasets.ClassLabel(names=list(classes)),
+        "tile_key": datasets.Value("string"),
+        "slide_id": datasets.Value("string"),
+        "level": datasets.Value("string"),
+        "mpp": datasets.Value("float64"),
+        "x": datasets.Value("int64"),
+        "y": datasets.Value("int64"),
+        "tile_px": datasets.Value("int32"),
+        "stack_keys": datasets.Sequence(datasets.Value("string")),
+        "model_hash": datasets.Value("string"),
+    })
+
+
+def _tile_key(slide_id: str, level: str, x: int, y: int) -> str:
+    return f"{slide_id}_{level}_x{x}_y{y}"
+
+
+def export_level_tiles(generate_dir: Path, hf_dir: Path, *, classes: list[str], test_fraction: float) -> dict:
+    """Write one ``tiles_<level>`` config per level: each distinct tile of that level once
+    (stacks sharing a tile list it in ``stack_keys``). Samples of a slide are contiguous
+    in the shards (slide-major order), so one slide at a time is held in memory."""
+    plan, _ = read_generate_index(generate_dir)
+    level_names = list(plan["level_names"])
+    test_ids = holdout_slide_ids(plan["slides"], len(classes), test_fraction)
+    split_of_slide = {s["slide_id"]: ("test" if s["slide_id"] in test_ids else "train") for s in plan["slides"]}
+    distinct: dict[str, dict[str, set]] = {n: {"train": set(), "test": set()} for n in level_names}
+    for s in plan["samples"]:
+        for p in s["position"]:
+            distinct[p["name"]][split_of_slide[s["slide_id"]]].add(_tile_key(s["slide_id"], p["name"], p["x"], p["y"]))
+    features = tile_features(classes)
+    writers: dict[tuple[str, str], _SplitWriter] = {}
+    for n in level_names:
+        d = Path(hf_dir) / f"tiles_{n}"
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("*.parquet"):
+            old.unlink()
+        for sp, keys in distinct[n].items():
+            if keys:
+                writers[(n, sp)] = _SplitWriter(d, sp, len(keys), features)
+
+    def flush(rows: dict[str, dict], split: str) -> None:
+        for key in sorted(rows, key=lambda k: (level_names.index(rows[k]["level"]), rows[k]["y"], rows[k]["x"])):
+            writers[(rows[key]["level"], split)].add(rows[key])
+
+    cur_slide, rows = None, {}
+    try:
+        for tar_path in verified_shards(generate_dir):
+            for key, parts in iter_shard_samples(tar_path):
+                row = sample_row(key, parts, classes, level_names, str(tar_path))
+                if row["slide_id"] != cur_slide:
+                    if cur_slide is not None:
+                        flush(rows, split_of_slide[cur_slide])
+                    cur_slide, rows = row["slide_id"], {}
+                for n in level_names:
+                    tk = _tile_key(row["slide_id"], n, row[f"x_{n}"], row[f"y_{n}"])
+                    if tk not in rows:
+                        rows[tk] = {"image": row[f"image_{n}"], "label": row["label"], "tile_key": tk,
+                                    "slide_id": row["slide_id"], "level": n, "mpp": row[f"mpp_{n}"],
+                                    "x": row[f"x_{n}"], "y": row[f"y_{n}"], "tile_px": row["tile_px"],
+                                    "stack_keys": [], "model_hash": row["model_hash"]}
+                    rows[tk]["stack_keys"].append(key)
+        if cur_slide is not None:
+            flush(rows, split_of_slide[cur_slide])
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {n: {"config": f"tiles_{n}", "dir": f"tiles_{n}",
+                "splits": {sp: {"num_examples": w.rows, "files": [f"tiles_{n}/{f}" for f in w.files],
+                                "num_bytes": sum((Path(hf_dir) / f"tiles_{n}" / f).stat().st_size for f in w.files)}
+                           for (lv, sp), w in writers.items() if lv == n}}
+            for n in level_names}
+
+
+def export_webdataset(generate_dir: Path, out_dir: Path) -> dict:
+    """The release's WebDataset: the verified shards and their index, hard-linked from
+    ``generate/shards`` (copied where the file system cannot link)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for src in [*verified_shards(generate_dir), Path(generate_dir) / "shards" / "index.json"]:
+        dst = out_dir / src.name
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            tmp = out_dir / f"{src.name}.tmp{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        files.append(dst.name)
+    return {"dir": out_dir.name, "files": files}
+
+
 def run(ctx: StageContext) -> dict:
     """Stage entry: check the audit gate, write ``hf/`` and its card."""
     from .card import write_card
 
     recipe = ctx.recipe
-    passed, overridden = release_allowed(ctx, ctx.inputs["audit"])
+    passed, overridden = require_release(ctx)
+    wds_info = export_webdataset(ctx.inputs["generate"], ctx.workdir / "webdataset") if recipe.export.webdataset else None
     if not recipe.export.hf:
-        raise StageError("export.hf is false: nothing to export (the WebDataset shards are in generate/shards)")
+        log.info("export.hf is false: no Hugging Face dataset is written")
+        return {"hf_dir": None, "webdataset": wds_info, "audit_passed": passed, "audit_overridden": overridden}
     hf_dir = ctx.workdir / "hf"
     info = export_hf(ctx.inputs["generate"], hf_dir, classes=list(recipe.data.classes),
                      test_fraction=recipe.export.test_fraction)
+    info["tile_configs"] = export_level_tiles(ctx.inputs["generate"], hf_dir, classes=list(recipe.data.classes),
+                                              test_fraction=recipe.export.test_fraction)
+    info["webdataset"] = wds_info
     (ctx.workdir / "export.json").write_text(json.dumps(
         {**info, "audit_passed": passed, "audit_overridden": overridden}, indent=2, sort_keys=True))
     card = write_card(ctx.workdir, recipe=recipe, ingest_dir=ctx.inputs["ingest"], train_dir=ctx.inputs["train"],
@@ -259,6 +377,9 @@ def run(ctx: StageContext) -> dict:
     return {
         "hf_dir": str(hf_dir),
         "splits": {k: v["num_examples"] for k, v in info["splits"].items()},
+        "tile_configs": {n: {sp: v["num_examples"] for sp, v in c["splits"].items()}
+                         for n, c in info["tile_configs"].items()},
+        "webdataset": wds_info,
         "levels": info["level_names"],
         "classes": info["classes"],
         "card": str(card),

@@ -17,7 +17,17 @@ Vocabulary:
   its slide). Its pixels are fully determined by ``(slide_seed, position)``, so
   :func:`regenerate_sample` can rebuild any single sample on its own.
 * A **shard** is ``shard_samples`` consecutive samples (slide-major order), written as one
-  WebDataset tar.
+  WebDataset tar. Shards are packing only: they are written from finished slides, so a
+  slide whose samples straddle two shards is still made once.
+* A **group** is ``slides_per_group`` consecutive slides synthesised together (their tiles
+  share model batches). Groups are fixed by the plan, so the batches, and therefore every
+  pixel, are the same whichever worker makes a group, in one run or after a resume. A
+  group is the unit of work of a rank (group ``g`` belongs to rank ``g % world``).
+
+Modes (``generate.mode``). In ``stacks`` mode each slide gets ``samples_per_slide``
+distinct stacks at random positions and only the tiles under them are made; in ``slides``
+mode every stack of the layout is a sample (stack-number order), so the release holds
+every tile of every level.
 """
 
 from __future__ import annotations
@@ -33,8 +43,12 @@ import numpy as np
 from ..pipeline import StageError
 from ..recipe import Recipe
 from ..units import level_name
+from .stackgeom import PARENT_MARGIN, axis_chains, decode_stack, stacks_in_slide, window_grids, window_overlap
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+
+#: most slides per group when ``generate.slides_per_group`` is not set
+MAX_AUTO_GROUP = 8
 
 
 def stable_seed(*parts: object) -> int:
@@ -73,7 +87,9 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
 
 @dataclass(frozen=True)
 class LevelPos:
-    """Where a stack's tile lies at one level: tile grid row/col and pixel x/y in that
+    """Where a stack's tile lies at one level: row/col (in ``slides`` mode the grid of
+    non-overlapping tiles; in ``stacks`` mode the index of synthesis's tile window) and
+    pixel x/y in that
     level's image of the synthetic slide."""
 
     level: int
@@ -122,6 +138,52 @@ class GenerationPlan:
     samples: list[SamplePlan]
     label_source: str  # "recipe" or "training tiles"
     label_weights: list[float] = field(default_factory=list)
+    mode: str = "stacks"  # "stacks" or "slides" (generate.mode)
+    slides_per_group: int = 1
+    window_overlap: int = 0  # min overlap of synthesis's tile windows (px), passed to synthesis
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(len(self.slides) / self.slides_per_group) if self.slides else 0
+
+    def group_slides(self, group: int) -> list[int]:
+        """Slide indices of a group (consecutive slides)."""
+        lo = group * self.slides_per_group
+        return list(range(lo, min(lo + self.slides_per_group, len(self.slides))))
+
+    def groups_for_rank(self, rank: int, world: int) -> list[int]:
+        """Groups a worker makes: group index modulo world size equals its rank."""
+        return [g for g in range(self.n_groups) if g % world == rank]
+
+    def shards_of_slide(self, slide: int) -> list[int]:
+        """The shards holding a slide's samples (one, or two or more when it straddles)."""
+        return sorted({self.samples[i].shard for i in self.slides[slide].samples})
+
+    def release_tiles(self, slide: int) -> dict[int, list[tuple[int, int, int, int]]]:
+        """level -> sorted distinct pixel boxes ``(y0, x0, y1, x1)`` the slide's samples release."""
+        out: dict[int, set] = {k: set() for k in range(len(self.levels))}
+        px = self.tile_px
+        for i in self.slides[slide].samples:
+            for p in self.samples[i].position:
+                out[p.level].add((p.y, p.x, p.y + px, p.x + px))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def n_release_images(self) -> list[int]:
+        """Distinct tile images released per level, over all slides."""
+        n = [0] * len(self.levels)
+        for s in range(len(self.slides)):
+            for k, t in self.release_tiles(s).items():
+                n[k] += len(t)
+        return n
+
+    def n_release_windows(self) -> list[int]:
+        """Per level, the synthesis tile windows that the released pixels need, over all
+        slides: in ``slides`` mode every window of the slide (all of it is released); in
+        ``stacks`` mode one per distinct released tile (each is one window)."""
+        if self.mode != "slides":
+            return self.n_release_images()
+        grids = window_grids(self.layout_tiles, self.levels, self.tile_px, self.window_overlap)
+        return [len(ys) * len(xs) * len(self.slides) for ys, xs in grids]
 
     @property
     def n_shards(self) -> int:
@@ -130,10 +192,6 @@ class GenerationPlan:
     def shard_samples_of(self, shard: int) -> list[SamplePlan]:
         lo = shard * self.shard_samples
         return self.samples[lo: lo + self.shard_samples]
-
-    def shards_for_rank(self, rank: int, world: int) -> list[int]:
-        """Shards a worker owns: shard index modulo world size equals its rank."""
-        return [s for s in range(self.n_shards) if s % world == rank]
 
     def slide_px(self, level: int) -> tuple[int, int]:
         """(height, width) in pixels of a synthetic slide at ``level``."""
@@ -153,6 +211,9 @@ class GenerationPlan:
             "n_shards": self.n_shards,
             "label_source": self.label_source,
             "label_weights": self.label_weights,
+            "mode": self.mode,
+            "slides_per_group": self.slides_per_group,
+            "window_overlap": self.window_overlap,
             "slides": [asdict(s) for s in self.slides],
             "samples": [asdict(s) for s in self.samples],
         }
@@ -246,30 +307,6 @@ def holdout_slide_ids(slides: list[dict] | list[SlidePlan], n_classes: int, test
     return out
 
 
-def _stacks_in_slide(layout: tuple[int, int], factors: list[int]) -> int:
-    n = layout[0] * layout[1]
-    for f in factors:
-        n *= f * f
-    return n
-
-
-def _decode_stack(code: int, layout: tuple[int, int], factors: list[int]) -> list[tuple[int, int]]:
-    """Stack number -> (row, col) in each level's tile grid, coarsest first.
-
-    ``factors[k]`` is the zoom between level k and k+1 (tiles per side of a parent)."""
-    sub = []
-    for f in reversed(factors):
-        code, r = divmod(code, f * f)
-        sub.append(divmod(r, f))
-    sub.reverse()
-    row, col = divmod(code, layout[1])
-    out = [(row, col)]
-    for f, (dr, dc) in zip(factors, sub):
-        row, col = row * f + dr, col * f + dc
-        out.append((row, col))
-    return out
-
-
 def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | None = None) -> GenerationPlan:
     """Build the deterministic generation plan for ``recipe``.
 
@@ -302,8 +339,20 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | 
     slide_labels = _spread(counts)
 
     factors = [grid_factor(levels, k + 1) // grid_factor(levels, k) for k in range(len(levels) - 1)]
-    n_stacks = _stacks_in_slide(layout, factors)
-    if g.samples_per_slide > n_stacks:
+    mode = str(getattr(g, "mode", "stacks"))
+    if mode != "slides" and recipe.export.slides:
+        raise StageError("export.slides (whole-slide TIFFs) needs generate.mode: slides; generate.mode: stacks makes "
+                         "only the tiles under the sampled stacks, so a slide image would be mostly empty")
+    overlap = window_overlap(tile_px)
+    if mode == "slides":
+        n_stacks = stacks_in_slide(layout, factors)
+    else:  # stacks are nested synthesis windows, so each released tile is one generated tile
+        grids = window_grids(layout, levels, tile_px, overlap)
+        chains_y = axis_chains([gr[0] for gr in grids], factors, tile_px, PARENT_MARGIN)
+        chains_x = axis_chains([gr[1] for gr in grids], factors, tile_px, PARENT_MARGIN)
+        n_stacks = len(chains_y) * len(chains_x)
+    per_slide = n_stacks if mode == "slides" else int(g.samples_per_slide)
+    if mode != "slides" and g.samples_per_slide > n_stacks:
         raise StageError(
             f"generate.samples_per_slide = {g.samples_per_slide} but a slide of layout {list(layout)} with levels "
             f"{levels} holds only {n_stacks} distinct stacks; lower it or enlarge generate.layout_tiles"
@@ -318,23 +367,29 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | 
         slide_seed = stable_seed("synthpath-slide", plan_seed, s)
         taken: set[int] = set()
         idxs = []
-        for j in range(g.samples_per_slide):
+        for j in range(per_slide):
             i = len(samples)
             seed = stable_seed("synthpath-sample", plan_seed, i)
-            rng = np.random.default_rng(seed)
-            free = n_stacks - len(taken)
-            pick = int(rng.integers(free))
-            # the pick-th stack number not yet taken in this slide (taken is small)
-            code = pick
-            for t in sorted(taken):
-                if t <= code:
-                    code += 1
-            taken.add(code)
-            grid = _decode_stack(code, layout, factors)
-            pos = tuple(
-                LevelPos(level=k, mpp=levels[k], name=names[k], row=r, col=c, x=c * tile_px, y=r * tile_px)
-                for k, (r, c) in enumerate(grid)
-            )
+            if mode == "slides":
+                code = j  # every stack, in stack-number order
+            else:
+                rng = np.random.default_rng(seed)
+                free = n_stacks - len(taken)
+                pick = int(rng.integers(free))
+                # the pick-th stack number not yet taken in this slide (taken is small)
+                code = pick
+                for t in sorted(taken):
+                    if t <= code:
+                        code += 1
+                taken.add(code)
+            if mode == "slides":  # the plain grid of non-overlapping tiles, which covers the slide
+                grid = decode_stack(code, layout, factors)
+                pos = tuple(LevelPos(level=k, mpp=levels[k], name=names[k], row=r, col=c, x=c * tile_px, y=r * tile_px)
+                            for k, (r, c) in enumerate(grid))
+            else:  # row/col index the level's synthesis windows
+                cy, cx = chains_y[code // len(chains_x)], chains_x[code % len(chains_x)]
+                pos = tuple(LevelPos(level=k, mpp=levels[k], name=names[k], row=cy[k], col=cx[k], x=grids[k][1][cx[k]],
+                                     y=grids[k][0][cy[k]]) for k in range(len(levels)))
             samples.append(SamplePlan(
                 index=i, key=f"{slide_id}_{j:04d}", slide_index=s, slide_id=slide_id, slide_seed=slide_seed,
                 seed=seed, label=lab, label_name=classes[lab], position=pos, shard=i // g.shard_samples,
@@ -342,6 +397,12 @@ def make_plan(recipe: Recipe, ingest_dir: Path | None = None, train_dir: Path | 
             idxs.append(i)
         slides.append(SlidePlan(index=s, slide_id=slide_id, label=lab, label_name=classes[lab], seed=slide_seed,
                                 samples=tuple(idxs)))
+    group = getattr(g, "slides_per_group", None)
+    if group is None:
+        # enough slides that their coarsest tiles fill one model batch, at most MAX_AUTO_GROUP
+        coarse = layout[0] * layout[1] if mode == "slides" else min(layout[0] * layout[1], per_slide)
+        group = min(MAX_AUTO_GROUP, max(1, math.ceil(int(g.batch_size) / max(1, coarse))))
     return GenerationPlan(classes=classes, levels=levels, level_names=names, tile_px=tile_px, layout_tiles=layout,
                           seed=plan_seed, shard_samples=int(g.shard_samples), slides=slides, samples=samples,
-                          label_source=source, label_weights=[float(w) for w in weights])
+                          label_source=source, label_weights=[float(w) for w in weights], mode=mode,
+                          slides_per_group=int(group), window_overlap=overlap)

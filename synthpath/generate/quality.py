@@ -130,7 +130,10 @@ def pyramid_seams(pyramid: "Pyramid") -> list[dict]:
     With seam inpainting, a tile keeps its neighbours' pixels in the overlap (known pixels),
     so its own pixels begin where the previous tile ends (``y + tile_px``). Without it
     (``pyramid.inpaint_seams`` False), a tile overwrites the overlap, so they begin at its
-    own origin (the next tile's ``y``)."""
+    own origin (the next tile's ``y``). With feathered seams (``pyramid.feather_px`` = w > 0)
+    the change from the neighbour's pixels to the tile's own is spread over the w lines
+    before ``y + tile_px``, so every line of that band, up to and including ``y + tile_px``,
+    counts as a border (the score is the mean step over all of them)."""
     from .synthesis import tile_positions
 
     px = pyramid.tile_px
@@ -139,8 +142,10 @@ def pyramid_seams(pyramid: "Pyramid") -> list[dict]:
     for k, lev in enumerate(pyramid.levels):
         h, w = np.asarray(lev).shape[:2]
         ys, xs = tile_positions(h, px, ov), tile_positions(w, px, ov)
+        band = int(getattr(pyramid, "feather_px", 0) or 0)
         if getattr(pyramid, "inpaint_seams", True):
-            by, bx = [y + px for y in ys[:-1]], [x + px for x in xs[:-1]]
+            by = [y + px - d for y in ys[:-1] for d in range(band + 1)]
+            bx = [x + px - d for x in xs[:-1] for d in range(band + 1)]
         else:
             by, bx = list(ys[1:]), list(xs[1:])
         if not by and not bx:

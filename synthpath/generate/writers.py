@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -96,43 +97,46 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 
-def write_shard(shard_dir: Path, shard: int, members: dict[str, bytes], marker: dict) -> dict:
-    """Write one shard atomically, then its done-marker. ``marker`` holds the caller's
-    fields (count, label histogram, hashes); ``sha256``, ``file`` and ``bytes`` are added.
+def write_unit(out_dir: Path, name: str, members: dict[str, bytes], marker: dict) -> dict:
+    """Write ``<name>.tar`` atomically, then its done-marker ``<name>.done.json``.
+    ``marker`` holds the caller's fields; ``sha256``, ``file`` and ``bytes`` are added.
     Returns the marker written."""
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    name = shard_name(shard)
-    final = shard_dir / f"{name}.tar"
-    done = shard_dir / f"{name}.done.json"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.tar"
+    done = out_dir / f"{name}.done.json"
     done.unlink(missing_ok=True)  # a stale marker must never vouch for a new tar
-    tmp = shard_dir / f"{name}.tar.tmp{os.getpid()}"
+    tmp = out_dir / f"{name}.tar.tmp{os.getpid()}"
     try:
         digest = write_tar(tmp, members)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    out = dict(marker, sha256=digest, file=final.name, bytes=final.stat().st_size, shard=shard)
+    out = dict(marker, sha256=digest, file=final.name, bytes=final.stat().st_size)
     write_json_atomic(done, out)
     return out
 
 
-def finished_marker(shard_dir: Path, shard: int, expect: dict, *, verify_hash: bool = True) -> dict | None:
-    """The shard's done-marker if the shard is finished and current, else None.
+def write_shard(shard_dir: Path, shard: int, members: dict[str, bytes], marker: dict) -> dict:
+    """Write one shard atomically, then its done-marker (see :func:`write_unit`)."""
+    return write_unit(shard_dir, shard_name(shard), members, dict(marker, shard=shard))
+
+
+def finished_unit(out_dir: Path, name: str, expect: dict, *, verify_hash: bool = True) -> dict | None:
+    """The done-marker of ``<name>.tar`` if it is finished and current, else None.
 
     Finished = marker present, tar present with the marker's size and sha256, and every key
     in ``expect`` (e.g. plan hash, count) equal to the marker's value. ``verify_hash=False``
     skips reading the tar (a cheap poll of other workers' progress)."""
-    name = shard_name(shard)
-    done = Path(shard_dir) / f"{name}.done.json"
-    tar = Path(shard_dir) / f"{name}.tar"
+    done = Path(out_dir) / f"{name}.done.json"
+    tar = Path(out_dir) / f"{name}.tar"
     if not done.is_file() or not tar.is_file():
         return None
     try:
         m = json.loads(done.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if any(m.get(k) != v for k, v in expect.items()):
+    if not isinstance(m, dict) or any(m.get(k) != v for k, v in expect.items()):
         return None
     if tar.stat().st_size != m.get("bytes"):
         return None
@@ -141,13 +145,42 @@ def finished_marker(shard_dir: Path, shard: int, expect: dict, *, verify_hash: b
     return m
 
 
-def clear_partial(shard_dir: Path, shard: int) -> None:
-    """Remove leftovers of an interrupted shard (temp tars, a tar without marker)."""
-    name = shard_name(shard)
-    d = Path(shard_dir)
+def finished_marker(shard_dir: Path, shard: int, expect: dict, *, verify_hash: bool = True) -> dict | None:
+    """The shard's done-marker if the shard is finished and current, else None."""
+    return finished_unit(shard_dir, shard_name(shard), expect, verify_hash=verify_hash)
+
+
+def clear_unit(out_dir: Path, name: str) -> None:
+    """Remove leftovers of an interrupted unit (temp tars, a tar without marker)."""
+    d = Path(out_dir)
     if not d.is_dir():
         return
     for p in d.glob(f"{name}.tar.tmp*"):
         p.unlink(missing_ok=True)
     (d / f"{name}.done.json").unlink(missing_ok=True)
     (d / f"{name}.tar").unlink(missing_ok=True)
+
+
+def clear_partial(shard_dir: Path, shard: int) -> None:
+    """Remove leftovers of an interrupted shard (temp tars, a tar without marker)."""
+    clear_unit(shard_dir, shard_name(shard))
+
+
+#: names of temp files: ``x.tmp123``, ``x.tar.tmp123``, ``x.json.tmp123``, ``x.tmp123.tiff``, ``.x.parquet.tmp123``
+_TEMP = re.compile(r"\.tmp\d*(\.[A-Za-z0-9]+)?$")
+
+
+def is_temp_name(name: str) -> bool:
+    return bool(_TEMP.search(name))
+
+
+def sweep_temp(root: Path) -> list[str]:
+    """Delete the temp files (of writers killed mid-write) under ``root``; returns their
+    paths relative to ``root``. Call only when no writer is still active there."""
+    root = Path(root)
+    gone = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and is_temp_name(p.name):
+            p.unlink(missing_ok=True)
+            gone.append(str(p.relative_to(root)))
+    return gone

@@ -41,6 +41,14 @@ def logsnr(t: Tensor, shift: float = 0.0) -> Tensor:
     return -2.0 * torch.log(torch.tan(_T_MIN + t.float() * (_T_MAX - _T_MIN))) + shift
 
 
+def time_at_logsnr(lam: float | Tensor, shift: float = 0.0) -> Tensor:
+    """The inverse of :func:`logsnr`: the time t in [0, 1] with ``logsnr(t, shift) = lam``
+    (clamped to the schedule's range)."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    t = (torch.atan(torch.exp(-0.5 * (lam - shift))) - _T_MIN) / (_T_MAX - _T_MIN)
+    return t.clamp(0.0, 1.0).float()
+
+
 def alpha_sigma(t: Tensor, shift: float = 0.0) -> tuple[Tensor, Tensor]:
     """Signal and noise scales at time ``t`` (same shape as ``t``)."""
     lam = logsnr(t, shift)
@@ -164,18 +172,22 @@ def denoise(
     guidance: float = 1.0,
     *,
     clip: bool = True,
+    guided: bool | None = None,
 ) -> Tensor:
     """The model's estimate of x0 at time ``t``, with classifier-free guidance on the label.
 
     ``guidance`` = 1 is plain conditional sampling; > 1 extrapolates away from the null-label
     prediction (conditional and null-label passes share one batched forward). Samples that
-    already carry the null label are not guided. ``clip`` clamps x0 to the pixel range.
+    already carry the null label are not guided (their two passes agree). ``clip`` clamps x0
+    to the pixel range. ``guided`` (samplers decide it once per call) skips the host read
+    that checks whether any sample carries a real label.
     """
     b, device = x_t.shape[0], x_t.device
     t = _time(t, b, device)
     shift = schedule_shift(model)
-    guided = guidance != 1.0 and bool((cond.label != cond.num_classes).any())
-    if guided:
+    if guided is None:
+        guided = guidance != 1.0 and bool((cond.label != cond.num_classes).any())
+    if guided and guidance != 1.0:
         both = Cond.cat([cond, cond.with_null_label()])
         v_c, v_u = predict_v(model, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
         v = v_u + guidance * (v_c - v_u)
@@ -190,6 +202,7 @@ __all__ = [
     "LOGSNR_MIN",
     "LOGSNR_MAX",
     "logsnr",
+    "time_at_logsnr",
     "alpha_sigma",
     "schedule_shift",
     "q_sample",

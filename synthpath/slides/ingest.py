@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..interrupt import disk_problem
 from ..pipeline import StageContext, StageError
 from ..recipe import Recipe, TissueConfig
 from ..tiles.store import SCHEMA, TileStoreWriter, encode_png, tile_id
@@ -93,6 +94,7 @@ class SlideResult:
     read_calls: int = 0
     seconds: float = 0.0
     out_path: str | None = None
+    disk_full: bool = False  # the failure was the output disk's (full, read-only), not the slide's
 
     @property
     def n_tiles(self) -> int:
@@ -155,7 +157,7 @@ def ingest_slide(job: SlideJob) -> SlideResult:
     t0 = time.time()
     res = SlideResult(slide_id=job.slide_id, path=str(job.path), ok=False)
     try:
-        with open_slide(job.path, job.mpp_override) as slide:
+        with open_slide(job.path, job.mpp_override, slide_id=job.slide_id) as slide:
             res.mpp, res.mpp_source, res.dimensions = slide.mpp, slide.mpp_source, slide.dimensions
             sizes = level_sizes(job.levels, job.tile_px, slide.mpp, where=str(job.path))
             res.level_size0 = sizes
@@ -175,7 +177,14 @@ def ingest_slide(job: SlideJob) -> SlideResult:
             res.patients = sorted({t.case or job.patient_id for t in plan})
             res.ok = True
     except (SlideOpenError, MppError, TilingError, OSError) as e:
-        res.error = str(e) if str(job.path) in str(e) else f"{job.path}: {e}"
+        disk = disk_problem(e)
+        workdir = str(job.out_path.parent.parent)
+        if disk and (disk[0] != "permission denied" or workdir in str(disk[1] or "")):
+            res.disk_full = True
+            res.error = (f"cannot write the ingest output in {workdir}: {disk[0]} ({disk[1] or e}); "
+                         f"free space or fix the folder, then run again")
+        else:
+            res.error = str(e) if str(job.path) in str(e) else f"{job.path}: {e}"
     except Exception as e:  # an unexpected failure on one slide must not lose the others
         res.error = f"{job.path}: {type(e).__name__}: {e}"
         log.debug("ingest of %s failed:\n%s", job.path, traceback.format_exc())
@@ -247,7 +256,8 @@ def _slide_entries(recipe: Recipe) -> list[tuple[str, object]]:
         seen[sid] = e.path
         out.append((sid, e))
     if not out:
-        raise StageError(f"no slides found (data.slides is empty and {recipe.data.slide_dir}/{recipe.data.slide_glob} matches nothing)")
+        raise StageError(f"no slides found: data.slides is empty and data.slide_glob {recipe.data.slide_glob!r} matches "
+                         f"nothing in data.slide_dir {recipe.data.slide_dir}; set data.slide_glob (e.g. '*.tiff')")
     return out
 
 
@@ -296,6 +306,14 @@ def build_jobs(recipe: Recipe, workdir: Path) -> list[SlideJob]:
     return jobs
 
 
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group; only the parent acts on it
+    (it stops the workers), so the workers print no KeyboardInterrupt tracebacks."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_jobs(jobs: list[SlideJob], workers: int, strict: bool) -> list[SlideResult]:
     results: list[SlideResult | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc="ingest", unit="slide", disable=None)
@@ -305,9 +323,11 @@ def _run_jobs(jobs: list[SlideJob], workers: int, strict: bool) -> list[SlideRes
         bar.update(1)
         bar.set_postfix_str(f"{r.slide_id}: {r.n_tiles} tiles" if r.ok else f"{r.slide_id}: FAILED")
         if not r.ok:
-            log.warning("skipping slide %s", r.error)
+            if r.disk_full:
+                raise StageError(r.error)
             if strict:
                 raise StageError(f"strict mode: slide {r.slide_id!r} failed: {r.error}")
+            log.warning("skipping slide %s", r.error)
 
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -315,14 +335,18 @@ def _run_jobs(jobs: list[SlideJob], workers: int, strict: bool) -> list[SlideRes
                 done(k, ingest_slide(job))
         else:
             ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                        initializer=_ignore_sigint) as pool:
                 futs = {pool.submit(ingest_slide, job): k for k, job in enumerate(jobs)}
                 try:
                     for fut in cf.as_completed(futs):
                         done(futs[fut], fut.result())
-                except BaseException:
+                except BaseException as e:
                     for f in futs:
                         f.cancel()
+                    if not isinstance(e, Exception):  # SIGINT/SIGTERM: stop the slides being read now;
+                        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                            proc.terminate()  # ingest restarts its slides, so nothing is lost
                     raise
     finally:
         bar.close()

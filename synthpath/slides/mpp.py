@@ -70,6 +70,24 @@ def mpp_from_tiff_tags(props: Mapping[str, str], path: Path | None = None) -> fl
     return per_unit / xres
 
 
+def _tifffile_raw(path: Path) -> tuple[float | None, str | None]:
+    """XResolution (as a number) and ResolutionUnit (lower-case name) of page 0, unfiltered."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            tags = tf.pages[0].tags
+            xr, ru = tags.get("XResolution"), tags.get("ResolutionUnit")
+            xres = None
+            if xr is not None:
+                num, den = xr.value if isinstance(xr.value, tuple) else (xr.value, 1)
+                xres = num / den if den else None
+            unit = getattr(ru.value, "name", str(ru.value)).lower() if ru is not None else None
+            return xres, unit
+    except Exception:
+        return None, None
+
+
 def _tifffile_resolution(path: Path) -> tuple[float | None, str | None]:
     try:
         import tifffile
@@ -94,7 +112,8 @@ def mpp_from_objective(props: Mapping[str, str]) -> float | None:
     return objective_to_mpp(power) if power else None
 
 
-def resolve_mpp(props: Mapping[str, str], path: Path, override: float | None = None) -> tuple[float, str]:
+def resolve_mpp(props: Mapping[str, str], path: Path, override: float | None = None, *,
+                slide_id: str | None = None) -> tuple[float, str]:
     """Return ``(mpp, source)`` for a slide; ``source`` is one of ``override``,
     ``openslide.mpp-x``, ``tiff-resolution``, ``objective-power``.
 
@@ -114,7 +133,11 @@ def resolve_mpp(props: Mapping[str, str], path: Path, override: float | None = N
         return float(override), "override"
     if meta is not None:
         return float(meta[1]), meta[0]
+    from .diagnose import resolution_facts
+
+    sid = slide_id or Path(path).stem
     raise MppError(
-        f"{path}: cannot tell the slide's resolution: no openslide.mpp-x, no TIFF XResolution/ResolutionUnit, "
-        f"no openslide.objective-power. Give it in the recipe as data.slides[].mpp or data.mpp_overrides"
+        f"{path}: cannot tell the slide's resolution: the file has {resolution_facts(props, path)}. "
+        f"Give it in the recipe: data.mpp_overrides: {{{sid}: <µm per pixel>}} (e.g. 0.25 for 40x, 0.5 for 20x), "
+        f"or mpp: under this slide's entry in data.slides"
     )

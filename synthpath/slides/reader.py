@@ -126,21 +126,59 @@ def _rgba_to_rgb(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, img).convert("RGB")
 
 
-def open_slide(path: Path | str, mpp_override: float | None = None) -> Slide:
+#: Whole-slide formats that are never handed to the plain-image fallback: when OpenSlide
+#: refuses one of these, its reason is the reason.
+WSI_SUFFIXES = frozenset({".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm"})
+
+
+def _openslide_reason(path: Path) -> str:
+    try:
+        openslide.OpenSlide(str(path)).close()
+    except Exception as e:  # whatever OpenSlide says is the message we want
+        return f"{type(e).__name__}: {e}"
+    return "it opens"
+
+
+def open_slide(path: Path | str, mpp_override: float | None = None, *, slide_id: str | None = None) -> Slide:
     """Open ``path`` with OpenSlide (plain images through the image fallback) and resolve its
     mpp (see :mod:`synthpath.slides.mpp`). Raises :class:`SlideOpenError` or
-    :class:`~synthpath.slides.mpp.MppError` with the path in the message."""
+    :class:`~synthpath.slides.mpp.MppError` with the path in the message.
+
+    The true reason comes first: a TIFF-based file cut short is reported as truncated (see
+    :func:`~synthpath.slides.diagnose.tiff_damage`) with OpenSlide's own message; a file
+    OpenSlide recognises, or one with a whole-slide suffix (``.svs``, ``.ndpi``, ...), is
+    never retried as a plain image; a plain image is decoded once here, so a damaged one
+    fails now, by name, and not later in the middle of tiling."""
+    from .diagnose import tiff_damage
+
     path = Path(path)
+    if path.is_dir():
+        raise SlideOpenError(f"{path}: is a folder, not a slide file")
     if not path.is_file():
         raise SlideOpenError(f"{path}: no such file")
+    damage = tiff_damage(path)
+    if damage:
+        raise SlideOpenError(f"{path}: the file is truncated or damaged: {damage} (OpenSlide says: "
+                             f"{_openslide_reason(path)}); copy it again from its source")
     try:
-        handle = openslide.open_slide(str(path))
-    except (openslide.OpenSlideError, OSError, ValueError, Image.UnidentifiedImageError) as e:
-        raise SlideOpenError(f"{path}: OpenSlide cannot open it ({type(e).__name__}: {e})") from e
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError, ValueError):
+        fmt = None
+    try:
+        if fmt is not None or path.suffix.lower() in WSI_SUFFIXES:
+            handle = openslide.OpenSlide(str(path))
+        else:
+            handle = openslide.ImageSlide(str(path))
+            handle.read_region((0, 0), 0, (1, 1))  # decodes the whole image: a damaged one fails here
+    except (openslide.OpenSlideError, OSError, ValueError, Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
+        if fmt is not None or path.suffix.lower() in WSI_SUFFIXES:
+            raise SlideOpenError(f"{path}: OpenSlide cannot open it ({type(e).__name__}: {e})") from e
+        raise SlideOpenError(f"{path}: not a slide OpenSlide knows ({_openslide_reason(path)}) and not a readable "
+                             f"image ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
     try:
         if min(handle.dimensions) <= 0:
             raise SlideOpenError(f"{path}: empty slide (dimensions {handle.dimensions})")
-        mpp, source = resolve_mpp(dict(handle.properties), path, mpp_override)
+        mpp, source = resolve_mpp(dict(handle.properties), path, mpp_override, slide_id=slide_id)
     except Exception:
         handle.close()
         raise

@@ -24,11 +24,15 @@ One logical step on ``W`` processes (see docs/architecture.md, "Training on seve
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+log = logging.getLogger("synthpath.train")
+_OURS = False  # whether this module opened the process group (data-parallel training)
 
 
 @dataclass
@@ -87,8 +91,15 @@ def env_world() -> tuple[int, int, int]:
 def context(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join (or create) the process group the environment describes; returns the context and
     this process's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    global _OURS
     rank, world, local = env_world()
     if world <= 1:
+        return DistContext(), device
+    if tdist.is_initialized() and not _OURS:
+        # a group opened by the pipeline's own runner (``build`` under torchrun: rank 0 runs
+        # the single-process stages while the others wait): train on this process alone
+        log.info("train runs on rank %d alone (the process group belongs to the stage runner); use "
+                 "`torchrun ... synthpath train` for data-parallel training", rank)
         return DistContext(), device
     if device.type == "cuda":
         device = torch.device("cuda", local)
@@ -99,6 +110,7 @@ def context(device: torch.device) -> tuple[DistContext, torch.device]:
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local))
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        _OURS = True
     if tdist.get_world_size() != world or tdist.get_rank() != rank:
         raise RuntimeError(f"process group is rank {tdist.get_rank()} of {tdist.get_world_size()}, "
                            f"the environment says {rank} of {world}")

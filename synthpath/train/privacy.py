@@ -116,84 +116,84 @@ def calibrate_sigma(*, target_epsilon: float, delta: float, sample_rate: float, 
     ``prior``: accountant entries ``(sigma, q, steps)`` of mechanisms composed with training in
     the same accountant (the DP label shares); sigma is then searched so that the *composed*
     epsilon meets the target."""
-    if prior:
-        return _calibrate_composed(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
-                                   steps=steps, accountant=accountant, n_units=n_units, unit=unit, prior=prior)
-    from opacus.accountants.utils import get_noise_multiplier
-
     knobs = ("lower train.steps or train.batch_size, or raise privacy.target_epsilon "
              f"(now steps={steps}, q={sample_rate:.4g} over {n_units} {unit}s, target epsilon={target_epsilon})")
+    if prior:
+        knobs += ("; part of the budget goes to the DP label shares: lower privacy.label_share_budget or set "
+                  "generate.label_proportions")
     if not 0 < sample_rate < 1:
         raise StageError(
             f"privacy: the sampling rate q = train.batch_size / number of {unit}s = {sample_rate:.4g} must be below 1 "
             f"for subsampled DP-SGD; lower train.batch_size below the {n_units} training {unit}s")
+    base = [tuple(float(v) for v in p) for p in prior]
+
+    def eps(sig: float) -> float:
+        return epsilon_of(base + [(sig, sample_rate, steps)], delta, accountant)
+
     try:
-        # one evaluation at a noise level past any useful training decides infeasible targets
-        # quickly (Opacus' own search doubles sigma up to 1e6, which can take minutes)
-        floor = epsilon_of([(SIGMA_CAP, sample_rate, steps)], delta, accountant)
+        sigma = _solve_sigma(eps, target_epsilon, tol=0.995)
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
         raise StageError(f"privacy accounting failed ({e}); {knobs}") from None
-    if floor > target_epsilon:
+    if sigma is None:
+        floor = eps(SIGMA_CAP)
         raise StageError(f"privacy.target_epsilon={target_epsilon} cannot be reached: even noise multiplier "
                          f"{SIGMA_CAP:g} spends epsilon={floor:.3g} at delta={delta:.3g}; {knobs}")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                               sample_rate=sample_rate, steps=steps, accountant=accountant))
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
-        raise StageError(f"privacy.target_epsilon cannot be reached ({e}); {knobs}") from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise StageError(f"privacy.target_epsilon cannot be reached (sigma search gave {sigma}); {knobs}")
     return sigma
 
 
-def _calibrate_composed(*, target_epsilon, delta, sample_rate, steps, accountant, n_units, unit, prior) -> float:
-    """Bisection on sigma for ``prior + [(sigma, q, steps)]`` to spend ``target_epsilon``
-    (within 1%, never above)."""
-    alone = calibrate_sigma(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-                            accountant=accountant, n_units=n_units, unit=unit)
-    prior = [tuple(p) for p in prior]
-
-    def eps(sig: float) -> float:
-        return epsilon_of(prior + [(sig, sample_rate, steps)], delta, accountant)
-
-    if eps(SIGMA_CAP) > target_epsilon:
-        raise StageError(f"privacy.target_epsilon={target_epsilon} cannot be reached once the label shares' part "
-                         f"of the budget (privacy.label_share_budget) is spent; raise privacy.target_epsilon, "
-                         f"lower privacy.label_share_budget, or set generate.label_proportions")
-    lo, hi = alone, alone * 1.25
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, min(hi * 1.5, SIGMA_CAP)
-    for _ in range(40):
-        e_hi = eps(hi)
-        if e_hi >= 0.99 * target_epsilon or hi - lo < 1e-6 * hi:
-            break
-        mid = 0.5 * (lo + hi)
-        if eps(mid) > target_epsilon:
-            lo = mid
+def _solve_sigma(eps, target: float, *, tol: float) -> float | None:
+    """The noise multiplier s with ``tol * target <= eps(s) <= target`` (eps decreasing in s),
+    by bracketing and the Illinois method on log s: a handful of accountant calls, where
+    plain bisection needs dozens (each is slow). None when even ``SIGMA_CAP`` spends more."""
+    lo, f_lo = None, None
+    hi = 1.0
+    f_hi = eps(hi) - target
+    while f_hi > 0:  # too little noise: go up
+        lo, f_lo = hi, f_hi
+        if hi >= SIGMA_CAP:
+            return None
+        hi = min(hi * 4, SIGMA_CAP)
+        f_hi = eps(hi) - target
+    while lo is None:  # enough noise already: go down until it is too little
+        cand = hi / 4
+        if cand < 1e-3:
+            return float(hi)
+        f = eps(cand) - target
+        if f > 0:
+            lo, f_lo = cand, f
         else:
-            hi = mid
-    return float(hi)
+            hi, f_hi = cand, f
+    a, fa, b, fb = math.log(lo), f_lo, math.log(hi), f_hi  # fa > 0 >= fb
+    side = 0
+    for _ in range(60):
+        if fb >= -(1 - tol) * target:
+            break
+        c = b - fb * (b - a) / (fb - fa)
+        if not a < c < b:
+            c = 0.5 * (a + b)
+        fc = eps(math.exp(c)) - target
+        if fc > 0:
+            a, fa = c, fc
+            if side == -1:
+                fb /= 2
+            side = -1
+        else:
+            b, fb = c, fc
+            if side == 1:
+                fa /= 2
+            side = 1
+        if b - a < 1e-9:
+            break
+    return float(math.exp(b))
 
 
 def gaussian_sigma(*, epsilon: float, delta: float, accountant: str) -> float:
     """Noise multiplier of one Gaussian mechanism (sensitivity 1, no subsampling) that spends
-    ``epsilon`` at ``delta`` under ``accountant`` (bisection, never above)."""
-    lo, hi = 1e-3, 1.0
-    while epsilon_of([(hi, 1.0, 1)], delta, accountant) > epsilon:
-        lo, hi = hi, hi * 2
-        if hi > SIGMA_CAP:
-            raise StageError(f"a Gaussian mechanism cannot reach epsilon={epsilon:.3g} at delta={delta:.3g}")
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if epsilon_of([(mid, 1.0, 1)], delta, accountant) > epsilon:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-4 * hi:
-            break
-    return float(hi)
+    ``epsilon`` at ``delta`` under ``accountant`` (never above, within 0.1%)."""
+    sigma = _solve_sigma(lambda s: epsilon_of([(s, 1.0, 1)], delta, accountant), epsilon, tol=0.999)
+    if sigma is None:
+        raise StageError(f"a Gaussian mechanism cannot reach epsilon={epsilon:.3g} at delta={delta:.3g}")
+    return sigma
 
 
 @dataclass

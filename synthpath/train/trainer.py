@@ -312,10 +312,12 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         if not dp:
             return P.ledger_public(len(dataset), warns)
         if randomness == dprandom.TEST_SEED:
-            warns.insert(0, dprandom.TEST_WARNING)
+            warns.append(dprandom.TEST_WARNING)
         hist = setup.accountant.history if setup.accountant is not None else []
         extra = {"label_shares": label_block, "dp_randomness": randomness, "noise_source": noise_note}
         led = P.ledger_private(setup.plan, hist, _steps_in(hist), warns, extra=extra)
+        if randomness == dprandom.TEST_SEED:  # first, where nobody can miss it
+            led["warnings"] = [dprandom.TEST_WARNING] + [w for w in led["warnings"] if w != dprandom.TEST_WARNING]
         if setup.plan.unit == "tile":
             led["group_privacy"] = P.group_privacy(led["epsilon"], led["delta"], levels)
         return led

@@ -1,0 +1,232 @@
+"""The release filter as an attacker tries it: planted copies of real demo training tiles
+under dihedral transforms, half-tile shifts with real neighbouring tissue, scale, stain,
+JPEG and blur; the filter failing closed on missing/corrupt files and NaN thresholds; and
+every window of a released TIFF level checked (a copy planted between generation windows
+is caught)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synthpath.audit.filter import ReleaseFilter, ReleaseFilterError
+from synthpath.audit.verify import verify_canvas, window_origins
+from synthpath.features import PixelSpace
+from synthpath.recipe import parse_recipe
+
+
+# --------------------------------------------------------------------------- a tiny filter + model
+def _train_tiles(n: int = 12, px: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, px, px, generator=g) * 2 - 1
+
+
+def _run_dirs(tmp_path: Path, *, slides: bool = False, tau: float = 0.3):
+    """Recipe + upstream folders: a tiny untrained model, a passing audit report and a
+    ReleaseFilter on random 'training' tiles (pixel space) with a tight threshold."""
+    from synthpath.models.checkpoint import save_checkpoint
+    from synthpath.models.registry import build_model
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    slide = tmp_path / "s.svs"
+    slide.write_bytes(b"")
+    recipe = parse_recipe({
+        "name": "copyfilter",
+        "output_dir": str(tmp_path / "out"),
+        "data": {"slides": [{"path": str(slide)}], "classes": ["a", "b"]},
+        "ingest": {"tiling": {"levels": [1.0, 0.5], "tile_px": 16}},
+        "sampler": {"name": "ddim", "steps": 2, "guidance_scale": 1.0},
+        "generate": {"n_slides": 2, "layout_tiles": [1, 1], "samples_per_slide": 1, "shard_samples": 2,
+                     "label_proportions": {"a": 0.5, "b": 0.5}, "batch_size": 8, "device": "cpu",
+                     "max_filter_retries": 2},
+        "export": {"slides": slides},
+    })
+    out = recipe.output_dir
+    dirs = {n: out / n for n in ("ingest", "train", "audit")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    save_checkpoint(dirs["train"], build_model("tiny", 2, 16), None, {"tile_px": 16, "classes": ["a", "b"]})
+    (dirs["audit"] / "report.json").write_text(json.dumps({"passed": True, "checks": {}}))
+    space = PixelSpace(16, device="cpu")
+    feats = {("pixel", lv): space.embed(_train_tiles()) for lv in (0, 1)}
+    ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
+                        {"pixel": {lv: {"d1": tau, "cal": 0.5} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
+    return recipe, dirs
+
+
+def _ctx(recipe, dirs):
+    from synthpath.pipeline import StageContext
+
+    work = recipe.output_dir / "generate.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    return StageContext(recipe=recipe, name="generate", workdir=work, inputs=dirs, options={"quiet": True})
+
+
+# --------------------------------------------------------------------------- fails closed
+def test_filter_fails_closed_on_missing_corrupt_and_mismatched_files(tmp_path):
+    from synthpath.generate import runner
+
+    recipe, dirs = _run_dirs(tmp_path)
+    folder = dirs["audit"] / "filter"
+    flt = ReleaseFilter.load(dirs["audit"], device="cpu")
+    assert flt(_train_tiles()[:4], 1).all(), "exact training tiles are copies"
+
+    path = folder / "train_pixel_L1.safetensors"
+    saved = path.read_bytes()
+    path.unlink()
+    with pytest.raises(ReleaseFilterError, match=r"train_pixel_L1\.safetensors is missing"):
+        ReleaseFilter.load(dirs["audit"], device="cpu")
+    # generation loads the filter the same way and stops with the same error
+    with pytest.raises(ReleaseFilterError, match=r"train_pixel_L1\.safetensors is missing"):
+        runner._load_model_and_filter(_ctx(recipe, dirs), torch.device("cpu"))
+    with pytest.raises(ReleaseFilterError, match=r"train_pixel_L1\.safetensors is missing"):
+        runner.run(_ctx(recipe, dirs))
+    assert not list((recipe.output_dir / "generate.partial" / "shards").glob("*.tar"))
+
+    path.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(ReleaseFilterError, match=r"train_pixel_L1\.safetensors is corrupt"):
+        ReleaseFilter.load(dirs["audit"], device="cpu")
+    path.write_bytes(saved)
+    ReleaseFilter.load(dirs["audit"], device="cpu")
+
+    doc = json.loads((folder / "filter.json").read_text())
+    bad = json.loads(json.dumps(doc))
+    bad["n_train"]["pixel/L0"] = 99
+    (folder / "filter.json").write_text(json.dumps(bad))
+    with pytest.raises(ReleaseFilterError, match=r"train_pixel_L0\.safetensors holds 12 .* n_train\[pixel/L0\] = 99"):
+        ReleaseFilter.load(dirs["audit"], device="cpu")
+    bad = json.loads(json.dumps(doc))
+    del bad["n_train"]
+    (folder / "filter.json").write_text(json.dumps(bad))
+    with pytest.raises(ReleaseFilterError, match="missing key 'n_train'"):
+        ReleaseFilter.load(dirs["audit"], device="cpu")
+
+
+def test_nan_or_missing_threshold_is_an_error_not_a_pass(tmp_path):
+    from synthpath.generate import runner
+
+    recipe, dirs = _run_dirs(tmp_path)
+    cfg = dirs["audit"] / "filter" / "filter.json"
+    doc = json.loads(cfg.read_text())
+    doc["thresholds"]["pixel"]["1"]["d1"] = float("nan")
+    cfg.write_text(json.dumps(doc))  # json writes the bare token NaN, which json.loads accepts
+    with pytest.raises(ReleaseFilterError, match=r"filter\.json: threshold 'd1' of space 'pixel' at level 1 is nan"):
+        ReleaseFilter.load(dirs["audit"], device="cpu")
+    with pytest.raises(ReleaseFilterError, match="is nan, not a finite number"):
+        runner.run(_ctx(recipe, dirs))
+    assert not list((recipe.output_dir / "generate.partial" / "shards").glob("*.tar"))
+    del doc["thresholds"]["pixel"]["0"]
+    doc["thresholds"]["pixel"]["1"]["d1"] = 0.3
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(ReleaseFilterError, match="no threshold for space 'pixel' at level 0"):
+        ReleaseFilter.load(dirs["audit"], device="cpu")
+    # a filter built in memory with a NaN threshold is refused too
+    space = PixelSpace(16)
+    with pytest.raises(ReleaseFilterError, match="not a finite number"):
+        ReleaseFilter({"pixel": space}, {("pixel", 0): space.embed(_train_tiles())},
+                      {"pixel": {0: {"d1": float("nan"), "cal": 0.5}}}, n=3, levels=[1.0])
+
+
+# --------------------------------------------------------------------------- every released pixel
+def test_canvas_verification_catches_a_copy_between_generation_windows(tmp_path):
+    from synthpath.generate.synthesis import tile_positions
+
+    _, dirs = _run_dirs(tmp_path)
+    flt = ReleaseFilter.load(dirs["audit"], device="cpu")
+    assert flt.shift_tolerance_px == 8
+    rng = np.random.default_rng(5)
+    canvas = [rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8),
+              rng.integers(0, 255, size=(48, 48, 3), dtype=np.uint8)]
+    clean = verify_canvas(flt, canvas, 16)
+    assert clean.passed and clean.stride == 8 and clean.windows == [1, 25]
+    assert window_origins(48, 16, 8) == [0, 8, 16, 24, 32] and window_origins(44, 16, 8)[-1] == 28
+    # a training tile pasted where no generation window sits (generation windows start at 0, 11, 21, 32)
+    gen = tile_positions(48, 16, 4)
+    y, x = 5, 27
+    assert y not in gen and x not in gen
+    tile = ((_train_tiles()[3].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    planted = [canvas[0], canvas[1].copy()]
+    planted[1][y:y + 16, x:x + 16] = tile
+    caught = verify_canvas(flt, planted, 16)
+    assert not caught.passed and all(k == 1 for k, _, _ in caught.flagged)
+    assert any(abs(a - y) <= 4 and abs(b - x) <= 4 for _, a, b in caught.flagged)
+
+
+def test_every_window_of_released_tiff_levels_passed(tmp_path, monkeypatch):
+    """Generation with TIFF slides: the finished canvas is verified before a TIFF is written;
+    a slide whose canvas holds a copy (planted between generation windows, as a seam overwrite
+    could) is re-synthesised, and every window of every level of the written TIFF passes."""
+    import tifffile
+
+    from synthpath.generate import runner, synthesis
+
+    recipe, dirs = _run_dirs(tmp_path, slides=True)
+    tile = ((_train_tiles()[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    real = synthesis.synthesize_slides
+    calls = {"n": 0}
+
+    def planting(*args, **kwargs):
+        pyrs = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first synthesis leaves a training tile at (3, 9) of the finest level
+            pyrs[0].levels[1][3:19, 9:25] = tile
+        return pyrs
+
+    monkeypatch.setattr(synthesis, "synthesize_slides", planting)
+    summary = runner.run(_ctx(recipe, dirs))
+    assert calls["n"] >= 2, "the slide with the planted copy was re-synthesised"
+    flt = ReleaseFilter.load(dirs["audit"], device="cpu")
+    tiffs = sorted((recipe.output_dir / "generate.partial" / "slides").glob("*.tiff"))
+    assert [p.name for p in tiffs] == summary["slide_tiffs"] and len(tiffs) == 2
+    for p in tiffs:
+        with tifffile.TiffFile(p) as tf:
+            pages = [pg.asarray() for pg in tf.pages]
+        levels = pages[::-1]  # TIFF: finest first; synthesis: coarsest first
+        assert [a.shape[:2] for a in levels] == [(16, 16), (32, 32)]
+        check = verify_canvas(flt, levels, 16, stride=1)  # every 16-px window, at every offset
+        assert check.passed and check.windows == [1, 17 * 17], check.flagged
+        assert not (levels[1][3:19, 9:25] == tile).all()
+
+
+# --------------------------------------------------------------------------- planted copies, real tiles
+@pytest.fixture(scope="module")
+def pixel_calibrated(demo_store, tmp_path_factory):
+    """The audit's calibration with the pixel space alone on the real demo tile store."""
+    from synthpath.audit.report import calibrate
+    from synthpath.recipe import AuditConfig
+    from synthpath.tiles.store import TileStore
+
+    store = TileStore(demo_store)
+    cfg = AuditConfig(feature_spaces=["pixel"], k_neighbours=10, holdout_quantile=0.01, device="cpu")
+    return store, calibrate(store, cfg, tmp_path_factory.mktemp("copy_cal"), device="cpu", seed=0)
+
+
+def test_planted_copies_under_transforms_are_caught(pixel_calibrated):
+    from synthpath.audit import copies
+
+    store, cal = pixel_calibrated
+    level = 1  # 1 µm/px: the level with the most context per tile in the tiny demo
+    ids = cal.train_ids[level]
+    pick = list(range(0, len(ids), max(1, len(ids) // 16)))[:16]
+    train = store.read_images([ids[i] for i in pick])
+    sources = copies.tile_sources(store, [ids[i] for i in pick])
+    attacks = copies.attacks(store.tile_px)
+    t = store.tile_px
+    for name in ("flip_h", "rot90", "transpose", f"shift_{t // 2}px_diag", f"shift_{t // 2},-{t // 4}px",
+                 "scale_1.1", "stain_jitter", "jpeg_q50", "blur_s1.5"):
+        planted = copies.plant(train, sources, attacks[name], seed=1)
+        x = torch.from_numpy(planted).permute(0, 3, 1, 2).float() / 127.5 - 1
+        res = cal.filter.check(x, level)["pixel"]
+        assert res["copy"].all(), f"{name}: missed {int((~res['copy']).sum())} of {len(pick)} (d1 {res['d1']})"
+    # held-out patients' real tiles: at most 2% flagged by the same rule (benchmarks/bench_copies.py
+    # also measures it out of sample, leaving one holdout patient out of the calibration)
+    th = cal.thresholds["pixel"][level]
+    d1 = torch.cat(cal.holdout_d1[("pixel", level)])
+    cl = torch.cat(cal.holdout_cal[("pixel", level)])
+    assert d1.numel() >= 40
+    assert ((d1 <= th["d1"]) & (cl <= th["cal"])).float().mean() <= 0.02
