@@ -40,6 +40,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device | None = None  # where collectives run (the GPU under NCCL)
 
     @property
     def main(self) -> bool:
@@ -61,11 +62,11 @@ class DistContext:
         """Element-wise sums over ranks, in one flat all-reduce."""
         if not self.active or not tensors:
             return tensors
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        flat = torch.cat([t.reshape(-1).float().to(self.device or t.device) for t in tensors])
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
         out, i = [], 0
         for t in tensors:
-            out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+            out.append(flat[i:i + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
             i += t.numel()
         return out
 
@@ -114,7 +115,7 @@ def context(device: torch.device) -> tuple[DistContext, torch.device]:
     if tdist.get_world_size() != world or tdist.get_rank() != rank:
         raise RuntimeError(f"process group is rank {tdist.get_rank()} of {tdist.get_world_size()}, "
                            f"the environment says {rank} of {world}")
-    ctx = DistContext(rank=rank, world=world, local_rank=local)
+    ctx = DistContext(rank=rank, world=world, local_rank=local, device=device)
     if not joined:
         ctx.barrier()
     return ctx, device
