@@ -73,6 +73,12 @@ def _print_outputs(recipe) -> None:
             print(f"  {name}: {out / name}")
 
 
+def _worker_rank() -> bool:
+    from .train.distributed import is_worker_rank
+
+    return is_worker_rank()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -149,6 +155,10 @@ def _run(args, recipe, options) -> int:
                 print(f"[{m['stage']}] done in {m.get('seconds', 0):.1f}s -> {recipe.output_dir / m['stage']}")
             if not ranked or rank_world()[0] == 0:
                 _print_outputs(recipe)
+        elif args.command == "train" and _worker_rank():  # torchrun/srun rank > 0: trains, writes nothing
+            from .train.distributed import run_train_worker
+
+            run_train_worker(recipe, force=args.force, options=options)
         elif ranked and args.command != "generate" and rank_world()[0] != 0:
             print(f"rank {rank_world()[0]}: `{args.command}` is a single-process stage; rank 0 runs it")
         else:

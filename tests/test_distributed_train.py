@@ -105,15 +105,10 @@ def _ledger(p: Path) -> dict:
     return json.loads((p / "ledger.json").read_text())
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_two_gloo_processes_equal_one(tmp_path, store, mode):
-    data = _recipe(tmp_path, mode)
-    one, two = tmp_path / "one", tmp_path / "two"
-    _one_process(data, store, one)
-    assert _two_processes(data, store, two, tmp_path) == [0, 0]
+def _check_two_equal_one(one: Path, two: Path, dp: bool):
     _same_weights(one, two)
     assert _ledger(one) == _ledger(two)
-    if mode != "nondp":
+    if dp:
         led = _ledger(two)
         assert led["enabled"] and led["steps"] == 3 and led["epsilon"] > 0
     # every artifact was written once, by rank 0, and no rank left a state behind
@@ -121,23 +116,33 @@ def test_two_gloo_processes_equal_one(tmp_path, store, mode):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
-def test_two_process_run_stopped_and_resumed(tmp_path, store):
-    """Patient-level DP: stopped after step 1 under 2 processes, resumed under 2 -- and a second
-    copy of the stopped state resumed under 1 process: both end at the uninterrupted weights."""
+@pytest.mark.parametrize("mode", ["nondp", "tile"])
+def test_two_gloo_processes_equal_one(tmp_path, store, mode):
+    data = _recipe(tmp_path, mode)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _one_process(data, store, one)
+    assert _two_processes(data, store, two, tmp_path) == [0, 0]
+    _check_two_equal_one(one, two, mode != "nondp")
+
+
+def test_patient_dp_two_processes_equal_one_and_resume(tmp_path, store):
+    """Patient-level DP: 2 processes equal 1; a 2-process run stopped after step 1 resumes under
+    2 processes -- and a copy of the stopped state under 1 process -- to the same weights."""
     import shutil
 
     data = _recipe(tmp_path, "patient")
-    ref, two, mixed = tmp_path / "ref", tmp_path / "two", tmp_path / "mixed"
+    ref, two, stopped, mixed = (tmp_path / n for n in ("ref", "two", "stopped", "mixed"))
     _one_process(data, store, ref)
-    assert _two_processes(data, store, two, tmp_path, stop_after=1) == [17, 17]
-    assert (two / "state" / "latest.json").is_file()
-    shutil.copytree(two, mixed)
     assert _two_processes(data, store, two, tmp_path) == [0, 0]
-    _same_weights(ref, two)
-    assert _ledger(ref) == _ledger(two)
+    _check_two_equal_one(ref, two, True)
+    assert _two_processes(data, store, stopped, tmp_path, stop_after=1) == [17, 17]
+    assert (stopped / "state" / "latest.json").is_file()
+    assert json.loads((stopped / "state" / "latest.json").read_text())["step"] == 1
+    shutil.copytree(stopped, mixed)
+    assert _two_processes(data, store, stopped, tmp_path) == [0, 0]
+    _check_two_equal_one(ref, stopped, True)
     _one_process(data, store, mixed)  # the world size may change across a resume
-    _same_weights(ref, mixed)
-    assert _ledger(ref) == _ledger(mixed)
+    _check_two_equal_one(ref, mixed, True)
 
 
 def test_multi_process_dp_needs_ghost_clipping(tmp_path, store):

@@ -24,11 +24,15 @@ One logical step on ``W`` processes (see docs/architecture.md, "Training on seve
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+log = logging.getLogger("synthpath.train")
+_OURS = False  # whether this module opened the process group (data-parallel training)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device | None = None  # where collectives run (the GPU under NCCL)
 
     @property
     def main(self) -> bool:
@@ -57,11 +62,11 @@ class DistContext:
         """Element-wise sums over ranks, in one flat all-reduce."""
         if not self.active or not tensors:
             return tensors
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        flat = torch.cat([t.reshape(-1).float().to(self.device or t.device) for t in tensors])
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
         out, i = [], 0
         for t in tensors:
-            out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+            out.append(flat[i:i + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
             i += t.numel()
         return out
 
@@ -87,23 +92,59 @@ def env_world() -> tuple[int, int, int]:
 def context(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join (or create) the process group the environment describes; returns the context and
     this process's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    global _OURS
     rank, world, local = env_world()
     if world <= 1:
+        return DistContext(), device
+    if tdist.is_initialized() and not _OURS:
+        # a group opened by the pipeline's own runner (``build`` under torchrun: rank 0 runs
+        # the single-process stages while the others wait): train on this process alone
+        log.info("train runs on rank %d alone (the process group belongs to the stage runner); use "
+                 "`torchrun ... synthpath train` for data-parallel training", rank)
         return DistContext(), device
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not tdist.is_initialized():
+    joined = tdist.is_initialized()  # already joined (a worker rank's CLI): no second barrier
+    if not joined:
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local))
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        _OURS = True
     if tdist.get_world_size() != world or tdist.get_rank() != rank:
         raise RuntimeError(f"process group is rank {tdist.get_rank()} of {tdist.get_world_size()}, "
                            f"the environment says {rank} of {world}")
-    ctx = DistContext(rank=rank, world=world, local_rank=local)
-    ctx.barrier()
+    ctx = DistContext(rank=rank, world=world, local_rank=local, device=device)
+    if not joined:
+        ctx.barrier()
     return ctx, device
+
+
+def is_worker_rank() -> bool:
+    """True in a data-parallel process other than rank 0."""
+    rank, world, _ = env_world()
+    return world > 1 and rank != 0
+
+
+def run_train_worker(recipe, *, force: bool = False, options: dict | None = None) -> dict:
+    """``synthpath train`` on a rank other than 0: rank 0 runs the stage (its folder, manifest
+    and every artifact); this rank trains alongside it in rank 0's ``train.partial`` folder
+    and writes nothing. It joins the process group first, so rank 0 has prepared the folder
+    (``run_stage``) before this rank looks into it."""
+    from ..pipeline import fingerprint, get_stage, read_manifest, stage_dir
+    from .trainer import resolve_device, train
+
+    stage = get_stage("train")
+    fp, _ = fingerprint(recipe, stage)
+    existing = read_manifest(stage_dir(recipe, "train"))
+    if existing is not None and existing.get("fingerprint") == fp and not force:
+        return existing  # rank 0 skips the up-to-date stage too
+    context(resolve_device(recipe.train.device))
+    opts = options or {}
+    summary = train(recipe, stage_dir(recipe, "ingest"), recipe.output_dir / "train.partial",
+                    stop_after=opts.get("train_stop_after"), progress=False)
+    return {"stage": "train", "summary": summary}
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:

@@ -219,6 +219,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     tcfg, pcfg, mcfg = recipe.train, recipe.privacy, recipe.model
     settings = settings_of(recipe)
     state_dir = workdir / "state"
+    dist, device = D.context(resolve_device(tcfg.device))  # torchrun / srun: one process per device
     done = read_done(workdir, settings)
     if done is not None:  # killed after the end of training, before the stage was finalised
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -235,7 +236,6 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     classes = list(dataset.store.classes)
     levels = list(dataset.levels)
     tile_px = int(dataset.tile_px)
-    dist, device = D.context(resolve_device(tcfg.device))  # torchrun / srun: one process per device
 
     seed_everything(recipe.seed)
     try:
