@@ -70,24 +70,35 @@ def rows_per_step(recipe) -> tuple[int, str]:
 
 
 def generation_forwards(recipe) -> tuple[int, int, str]:
-    """(tiles, model forwards, description) for the whole generate stage."""
-    from .generate.synthesis import tile_positions, zoom_factors
+    """(tiles, model forwards, description) for the whole generate stage: the tile windows
+    synthesis actually makes, from the generation plan's geometry (``generate.mode: slides``:
+    every window of every level; ``stacks``: the dependency closure of the sampled stacks,
+    :func:`synthpath.generate.tiling.needed_tiles`, as the runner asks for it)."""
+    from .generate.plan import make_plan
+    from .generate.slidework import target_boxes
+    from .generate.tiling import all_tiles, level_grids, needed_tiles, zoom_factors
 
-    g, s, px = recipe.generate, recipe.sampler, recipe.tile_px
-    rows, cols = (int(v) for v in g.layout_tiles)
-    factors = zoom_factors(recipe.levels)
-    overlap = px // 4
+    g, s = recipe.generate, recipe.sampler
+    geo = recipe.model_copy(deep=True)
+    if not geo.generate.label_proportions:  # the plan's geometry does not depend on the label shares
+        geo.generate.label_proportions = {c: 1.0 for c in recipe.data.classes}
+    plan = make_plan(geo)
+    grids = level_grids(plan.layout_tiles, plan.levels, plan.tile_px, plan.window_overlap)
+    factors = zoom_factors(plan.levels)
+    made = [0] * len(plan.levels)
+    whole = [len(t) for t in all_tiles(grids)]
+    for i in range(len(plan.slides)):
+        need = whole if g.mode == "slides" else [len(t) for t in needed_tiles(target_boxes(plan, i), grids,
+                                                                             factors, plan.tile_px)]
+        made = [a + n for a, n in zip(made, need)]
     cfg = 2 if s.guidance_scale != 1.0 else 1
-    tiles = forwards = 0
-    parts = []
-    for k, f in enumerate(factors):
-        n = len(tile_positions(rows * px * f, px, overlap)) * len(tile_positions(cols * px * f, px, overlap))
+    forwards, parts = 0, []
+    for k, n in enumerate(made):
         steps = s.steps if k == 0 else max(1, math.ceil(s.steps * s.zoom_start))
-        tiles += n
         forwards += n * steps * cfg
-        parts.append(f"{n} tiles x {steps} steps")
-    desc = f"{g.n_slides} slides x ({' + '.join(parts)}) x CFG {cfg}"
-    return tiles * g.n_slides, forwards * g.n_slides, desc
+        parts.append(f"{n:,} tiles x {steps} steps")
+    desc = f"{g.n_slides} slides, mode {g.mode}: ({' + '.join(parts)}) x CFG {cfg}"
+    return sum(made), forwards, desc
 
 
 def compute_plan(recipe, num_classes: int | None = None) -> ComputePlan:
@@ -125,10 +136,10 @@ def format_plan(plan: ComputePlan) -> str:
         f"  train:    {plan.rows_per_step:,} rows/step = {plan.rows_description}",
         f"            {plan.train_flops_per_step:.3g} FLOP/step (3 x forward x rows x DP overhead {plan.dp_overhead:g}) "
         f"x {plan.steps:,} steps = {plan.train_flops:.3g} FLOP",
-        f"            {plan.train_gpu_hours:,.0f} GPU-hours {at} = {plan.train_days:.2f} days on {plan.gpus}; "
+        f"            {plan.train_gpu_hours:,.3g} GPU-hours {at} = {plan.train_days:.2f} days on {plan.gpus}; "
         + budget(plan.train_days, plan.train_budget_days),
         f"  generate: {plan.generate_description} = {plan.generate_forwards:.3g} forwards "
         f"({plan.generate_tiles:,} tiles) = {plan.generate_flops:.3g} FLOP",
-        f"            {plan.generate_gpu_hours:,.0f} GPU-hours {at} = {plan.generate_days:.2f} days on {plan.gpus}; "
+        f"            {plan.generate_gpu_hours:,.3g} GPU-hours {at} = {plan.generate_days:.2f} days on {plan.gpus}; "
         + budget(plan.generate_days, plan.generate_budget_days),
     ])
