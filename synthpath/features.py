@@ -235,8 +235,12 @@ class PixelSpace(FeatureSpace):
         """Window positions per axis."""
         return self.grid * self.substeps + 1
 
+    def _side_at(self, scale: float) -> int:
+        """Side (px) of the query resized by ``scale`` (at least one window)."""
+        return self.tile_px if scale == 1.0 else max(self.grid * self.cell, int(round(self.tile_px * scale)))
+
     def _positions_at(self, scale: float) -> int:
-        side = max(self.span, int(round(self.tile_px * scale)) - 2 * self.margin)
+        side = self._side_at(scale) - (2 * self.margin if scale == 1.0 else 0)
         fine = (side - self.cell) // self.step + 1
         return fine - (self.grid - 1) * self.substeps
 
@@ -270,11 +274,12 @@ class PixelSpace(FeatureSpace):
         apart tile the pooled span)."""
         self._check(x)
         x = x.float()
-        if scale != 1.0:
-            side = max(self.span + 2 * self.margin, int(round(self.tile_px * scale)))
-            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        x = self._blur(x)
         m = self.margin
+        if scale != 1.0:
+            side = self._side_at(scale)
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+            m = 0
+        x = self._blur(x)
         x = x[:, :, m:x.shape[-2] - m, m:x.shape[-1] - m]
         return F.avg_pool2d(x, self.cell, stride=self.step) if self.cell > 1 else x
 
