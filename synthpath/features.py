@@ -167,19 +167,23 @@ class PixelSpace(FeatureSpace):
     """Pixel near-copy space that the 8 dihedral transforms, shifts up to half a tile, small
     scale changes, colour/stain jitter, JPEG and blur do not fool.
 
-    A tile is Gaussian-blurred and area-pooled into a ``2g x 2g`` map of ``cell``-px cells
-    (``g = grid``; ``cell = tile_px / 2 / g``). Each *part* or *view* is a ``g x g`` window
-    of that map (half a tile per side), standardised per colour channel (so a per-channel
-    gain and offset, i.e. a stain or colour shift, cancels) and L2-normalised.
+    A tile is area-pooled over ``cell``-px cells (``g = grid``; ``cell = tile_px / 2 / g``)
+    every ``cell / substeps`` px. Each *part* or *view* is a ``g x g``-cell window of that
+    map (half a tile per side), standardised per colour channel (so a per-channel gain and
+    offset, i.e. a stain or colour shift, cancels) and L2-normalised. There is no blur by
+    default (``blur_sigma = 0``): a blur would mix the tissue around a window into its edge
+    cells, so a quadrant copied next to *other* tissue would no longer match its reference,
+    while pure cell averaging keeps a window's value a function of its own pixels only.
 
     - Reference (training) tiles: their 4 quadrants are 4 parts (``embed`` -> [N, 4·D]).
-    - Queries: every window position on the cell grid (``(g+1)²`` positions) of each of the
-      8 dihedral transforms of the map (``embed_views`` -> [N, 8·(g+1)², D]).
+    - Queries: every window position (every ``cell / substeps`` px) of each of the 8
+      dihedral transforms of the map, at each scale (``embed_views`` -> [N, n_views, D]).
 
     Why this catches a half-tile shift: if a training tile sits in the query moved by
     (dy, dx) with ``|dy|, |dx| <= tile_px / 2`` (the rest being any other tissue), one of its
     quadrants lies wholly inside the query, at an offset that the window grid meets within
-    half a cell; the blur (sigma = cell/2) absorbs that residual and the ±10% scale change.
+    half a step; the cell averaging absorbs that residual. Scale changes: the query is also
+    viewed resized by each of ``scales`` (default 0.9, 1 and 1.1, for copies within ±10%).
     For a dihedral copy, one of the 8 transforms of the query undoes it. The neighbour
     search keeps the smallest distance over views and parts (``synthpath.audit.neighbours``).
 
@@ -193,7 +197,7 @@ class PixelSpace(FeatureSpace):
     parts = 4
 
     def __init__(self, tile_px: int, *, grid: int = 8, blur_sigma: float | None = None, min_std: float = 0.03,
-                 substeps: int = 2, scales: tuple[float, ...] = (1.0,), dihedral_views: bool = True, device=None,
+                 substeps: int = 2, scales: tuple[float, ...] = (0.9, 1.0, 1.1), dihedral_views: bool = True, device=None,
                  batch_size: int = 256):
         super().__init__(device, batch_size)
         if tile_px < 8:
@@ -208,7 +212,7 @@ class PixelSpace(FeatureSpace):
         while self.cell % self.substeps:
             self.substeps -= 1
         self.step = self.cell // self.substeps  # window stride in px
-        self.blur_sigma = float(self.cell / 2.0 if blur_sigma is None else blur_sigma)
+        self.blur_sigma = float(0.0 if blur_sigma is None else blur_sigma)
         self._kernel = _gaussian_kernel(self.blur_sigma) if self.blur_sigma > 0 else None
         self.min_std = float(min_std)
         self.scales = tuple(float(v) for v in scales)
@@ -231,8 +235,12 @@ class PixelSpace(FeatureSpace):
         """Window positions per axis."""
         return self.grid * self.substeps + 1
 
+    def _side_at(self, scale: float) -> int:
+        """Side (px) of the query resized by ``scale`` (at least one window)."""
+        return self.tile_px if scale == 1.0 else max(self.grid * self.cell, int(round(self.tile_px * scale)))
+
     def _positions_at(self, scale: float) -> int:
-        side = max(self.span, int(round(self.tile_px * scale)) - 2 * self.margin)
+        side = self._side_at(scale) - (2 * self.margin if scale == 1.0 else 0)
         fine = (side - self.cell) // self.step + 1
         return fine - (self.grid - 1) * self.substeps
 
@@ -266,11 +274,12 @@ class PixelSpace(FeatureSpace):
         apart tile the pooled span)."""
         self._check(x)
         x = x.float()
-        if scale != 1.0:
-            side = max(self.span + 2 * self.margin, int(round(self.tile_px * scale)))
-            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        x = self._blur(x)
         m = self.margin
+        if scale != 1.0:
+            side = self._side_at(scale)
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+            m = 0
+        x = self._blur(x)
         x = x[:, :, m:x.shape[-2] - m, m:x.shape[-1] - m]
         return F.avg_pool2d(x, self.cell, stride=self.step) if self.cell > 1 else x
 
