@@ -7,6 +7,7 @@ is caught)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,10 @@ from synthpath.recipe import parse_recipe
 def _train_tiles(n: int = 12, px: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 3, px, px, generator=g) * 2 - 1
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import bind_test_audit  # noqa: E402
 
 
 def _run_dirs(tmp_path: Path, *, slides: bool = False, tau: float = 0.3):
@@ -42,6 +47,7 @@ def _run_dirs(tmp_path: Path, *, slides: bool = False, tau: float = 0.3):
         "sampler": {"name": "ddim", "steps": 2, "guidance_scale": 1.0},
         "generate": {"n_slides": 2, "layout_tiles": [1, 1], "samples_per_slide": 1, "shard_samples": 2,
                      "label_proportions": {"a": 0.5, "b": 0.5}, "batch_size": 8, "device": "cpu",
+                     "mode": "slides" if slides else "stacks",
                      "max_filter_retries": 2},
         "export": {"slides": slides},
     })
@@ -56,6 +62,7 @@ def _run_dirs(tmp_path: Path, *, slides: bool = False, tau: float = 0.3):
     feats = {("pixel", lv): space.embed(_train_tiles()) for lv in (0, 1)}
     ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
                         {"pixel": {lv: {"d1": tau, "cal": 0.5} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
+    bind_test_audit(recipe, dirs)  # the release gate needs an audit bound to these weights and recipe
     return recipe, dirs
 
 
