@@ -153,7 +153,9 @@ def test_overtrained_model_is_flagged_and_build_stops_before_export(demo_store, 
     assert not (out / "audit").exists() and not (out / "generate").exists() and not (out / "export").exists()
     rep = json.loads((out / "audit_failed" / "report.json").read_text())
     assert rep["passed"] is False
-    assert rep["checks"]["copy_fraction"]["copies"] >= 4
+    cf = rep["checks"]["copy_fraction"]
+    # memorised tiles come back as near-copies, significantly more often than the rule flags real unseen tiles
+    assert cf["copies"] >= max(2, cf["critical_copies"]) and cf["p_value"] < cf["alpha"]
     assert rep["checks"]["mia_auc"]["value"] >= 0.9
     for f in ("report.md", "contact_sheet.png", "roc.png"):
         assert (out / "audit_failed" / f).stat().st_size > 0
