@@ -72,7 +72,10 @@ def test_generation_counts_every_tile_of_the_pyramid(tmp_path):
 
     sets = _paths(tmp_path) + ["generate.n_slides=3", "generate.layout_tiles=[2,1]", "sampler.steps=10",
                                "sampler.guidance_scale=1.0", "sampler.zoom_start=0.5"]
-    plan = compute_plan(load_recipe(ROOT / "recipes" / "kidney.yaml", sets))
+    # mode stacks (the recipe's): only the sampled stacks' dependency closure, far less than whole slides
+    stacks = compute_plan(load_recipe(ROOT / "recipes" / "kidney.yaml", sets))
+    plan = compute_plan(load_recipe(ROOT / "recipes" / "kidney.yaml", sets + ["generate.mode=slides"]))
+    assert 0 < stacks.generate_tiles < plan.generate_tiles
     px, ov = 256, 64
     per_level = [len(tile_positions(2 * px * f, px, ov)) * len(tile_positions(px * f, px, ov)) for f in (1, 4, 16)]
     assert per_level[0] == 3  # 512 px wide with >= 64 px overlap between neighbours: 3 tiles across
