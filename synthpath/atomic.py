@@ -5,6 +5,7 @@ same temp-then-rename pattern next to their own writers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -82,3 +83,12 @@ def write_json(path: str | Path, obj: Any, *, nonfinite: str = "null") -> None:
 
 
 __all__ = ["json_default", "write_text", "write_json"]
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -19,10 +19,9 @@ in ``audit/``, ``train/``, ``evaluate/`` and ``ingest/``, which the manifest nam
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 from pathlib import Path
 
-from synthpath.atomic import write_json
+from synthpath.atomic import sha256_file, write_json
 from synthpath.pipeline import StageError
 
 RELEASE_MANIFEST = "release_manifest.json"
@@ -39,14 +38,6 @@ NOT_RELEASED = {
     "audit_failed/": "a failed audit's report and contact sheet (real training tiles)",
     "evaluate/": "evaluation pictures that show real tiles beside synthetic ones",
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def release_folders(export_dir: Path, generate_dir: Path) -> dict[str, Path]:
@@ -83,7 +74,7 @@ def classify(name: str) -> str:
 
 def write_release_manifest(export_dir: Path, generate_dir: Path) -> Path:
     """Write ``<export_dir>/hf/release_manifest.json`` listing every released file."""
-    entries = [{"file": name, "kind": classify(name), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+    entries = [{"file": name, "kind": classify(name), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                for name, p in release_files(export_dir, generate_dir)]
     doc = {
         "about": "every file of this synthetic dataset release; none holds a real patient pixel",

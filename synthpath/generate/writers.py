@@ -14,7 +14,6 @@ sha256 matches it; anything else is redone.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import sha256_file  # noqa: F401  (re-exported: packing and tests use this name)
 from ..atomic import write_json as write_json_atomic  # re-exported: runner and tests use this name
 
 #: mtime of every tar member (2000-01-01T00:00:00Z): fixed so bytes depend on content only.
@@ -83,18 +83,6 @@ def write_tar(path: Path, members: dict[str, bytes]) -> str:
         f.flush()
         os.fsync(f.fileno())
     return sha256_file(path)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
 
 
 def write_unit(out_dir: Path, name: str, members: dict[str, bytes], marker: dict) -> dict:

@@ -34,7 +34,6 @@ the mapping is logged and recorded in the provenance.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..atomic import sha256_file
 from ..models.checkpoint import CONFIG_FILE, EMA_FILE
 from ..pipeline import StageError
 
@@ -52,14 +52,6 @@ LABEL_WEIGHT = "embed.label.weight"
 # model-config keys that must match (num_classes is adapted through the label embedding)
 _MODEL_KEYS = ("arch", "size", "channels", "mults", "num_res_blocks", "attn_max_res", "head_dim", "logsnr_shift",
                "tile_px")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def locate(path: Path | str) -> tuple[Path, Path]:
