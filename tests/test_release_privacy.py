@@ -97,7 +97,7 @@ def released_images(out: Path) -> dict[str, list[np.ndarray]]:
         elif path.suffix == ".parquet":
             table = pq.read_table(path)
             for col in table.column_names:
-                if col.startswith("image_"):
+                if col == "image" or col.startswith("image_"):  # stacks (image_<level>) and tiles_<level> configs
                     for cell in table.column(col).to_pylist():
                         arrs.append(np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")))
         elif path.suffix in (".tif", ".tiff"):
@@ -119,6 +119,7 @@ def release(tmp_path_factory) -> Path:
                          "device": "cpu"})
     raw["generate"]["n_slides"] = 2
     raw["export"]["slides"] = True
+    raw["generate"]["mode"] = "slides"  # the TIFF holds whole slides
     raw["evaluate"]["enabled"] = False
     (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
     assert main(["build", str(root / "recipe.yaml")]) == 0
@@ -139,7 +140,7 @@ def test_no_real_tile_in_any_released_image(release):
     assert {n for n, k in kinds.items() if k == "synthetic image"} == set(images)
     # every kind of released image is there: shards, Parquet, TIFF levels, card images
     names = list(images)
-    for part in ("generate/shards/", "export/hf/data/", "generate/slides/", "export/hf/samples_"):
+    for part in ("generate/shards/", "export/hf/data/", "export/hf/tiles_", "generate/slides/", "export/hf/samples_"):
         assert any(n.startswith(part) for n in names), f"no released image under {part}"
     assert len(images["generate/slides/syn00000.tiff"]) == 3
     # the audit's contact sheet (real training tiles) stays in audit/, marked, never in the release
