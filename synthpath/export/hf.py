@@ -35,8 +35,9 @@ import logging
 import math
 import os
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -203,6 +204,21 @@ class _SplitWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def _all_or_nothing(writers: Iterable[_SplitWriter]):
+    """Close every writer (final names) when the block succeeds; abort them all (no file
+    left behind) when it raises, interrupts included."""
+    ws = list(writers)
+    try:
+        yield
+        for w in ws:
+            w.close()
+    except BaseException:
+        for w in ws:
+            w.abort()
+        raise
+
+
 def export_hf(generate_dir: Path, hf_dir: Path, *, classes: list[str], test_fraction: float) -> dict:
     """Stream the shards into the Parquet dataset; returns per-split counts and files."""
     plan, _ = read_generate_index(generate_dir)
@@ -220,7 +236,7 @@ def export_hf(generate_dir: Path, hf_dir: Path, *, classes: list[str], test_frac
     writers = {sp: _SplitWriter(data, sp, n, features) for sp, n in totals.items() if n}
     slides: dict[str, set] = {sp: set() for sp in writers}
     seen: set[str] = set()
-    try:
+    with _all_or_nothing(writers.values()):
         for tar_path in verified_shards(generate_dir):
             for key, parts in iter_shard_samples(tar_path):
                 if key in seen:
@@ -234,12 +250,6 @@ def export_hf(generate_dir: Path, hf_dir: Path, *, classes: list[str], test_frac
         missing = sorted(set(split_of) - seen)
         if missing:
             raise StageError(f"the shards in {generate_dir} lack {len(missing)} planned samples, e.g. {missing[:5]}")
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
     out = {"splits": {}, "level_names": level_names, "classes": list(classes)}
     for sp, w in writers.items():
         out["splits"][sp] = {
@@ -302,7 +312,7 @@ def export_level_tiles(generate_dir: Path, hf_dir: Path, *, classes: list[str], 
             writers[(rows[key]["level"], split)].add(rows[key])
 
     cur_slide, rows = None, {}
-    try:
+    with _all_or_nothing(writers.values()):
         for tar_path in verified_shards(generate_dir):
             for key, parts in iter_shard_samples(tar_path):
                 row = sample_row(key, parts, classes, level_names, str(tar_path))
@@ -320,12 +330,6 @@ def export_level_tiles(generate_dir: Path, hf_dir: Path, *, classes: list[str], 
                     rows[tk]["stack_keys"].append(key)
         if cur_slide is not None:
             flush(rows, split_of_slide[cur_slide])
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
     return {n: {"config": f"tiles_{n}", "dir": f"tiles_{n}",
                 "splits": {sp: {"num_examples": w.rows, "files": [f"tiles_{n}/{f}" for f in w.files],
                                 "num_bytes": sum((Path(hf_dir) / f"tiles_{n}" / f).stat().st_size for f in w.files)}

@@ -125,6 +125,19 @@ def _is_guided(cond: Cond, guidance: float) -> bool:
     return guidance != 1.0 and bool((cond.label != cond.num_classes).any())
 
 
+def _setup(model: torch.nn.Module, x: Tensor, cond: Cond, steps: int, guidance: float, t_start: float,
+           grid: Sequence[float] | None) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, float]:
+    """What every sampler starts from: x as float32, the evaluation times (``grid`` or
+    :func:`time_grid`) as a tensor on x's device, their alpha and sigma, whether guidance
+    needs the null-label pass, and the model's schedule shift."""
+    shift = schedule_shift(model)
+    ts = list(grid) if grid is not None else time_grid(steps, t_start, shift)
+    x = x.float()
+    tt = torch.tensor(ts, device=x.device)
+    alphas, sigmas = alpha_sigma(tt, shift)
+    return x, tt, alphas, sigmas, _is_guided(cond, guidance), shift
+
+
 @torch.no_grad()
 def sample_ddim(
     model: torch.nn.Module, x: Tensor, cond: Cond, *, steps: int, guidance: float = 1.0, t_start: float = 1.0,
@@ -132,18 +145,13 @@ def sample_ddim(
 ) -> Tensor:
     """Deterministic DDIM (eta = 0) from ``t_start`` on :func:`time_grid` (or an explicit
     ``grid`` of evaluation times); returns the final x0 prediction in [-1, 1]."""
-    shift = schedule_shift(model)
-    ts = list(grid) if grid is not None else time_grid(steps, t_start, shift)
+    x, tt, alphas, sigmas, guided, _ = _setup(model, x, cond, steps, guidance, t_start, grid)
     b = x.shape[0]
-    x = x.float()
-    guided = _is_guided(cond, guidance)
-    tt = torch.tensor(ts, device=x.device)
-    alphas, sigmas = alpha_sigma(tt, shift)
-    for i in range(len(ts)):
+    for i in range(len(tt)):
         t_cur = tt[i].expand(b)
         d_raw = denoise(model, x, t_cur, cond, guidance, guided=guided)
         d = _with_known(d_raw, cond, replace_mask)
-        if i == len(ts) - 1:
+        if i == len(tt) - 1:
             return d
         eps = (x - alphas[i] * d_raw) / sigmas[i]
         x = alphas[i + 1] * d + sigmas[i + 1] * eps
@@ -159,19 +167,14 @@ def sample_dpmpp_2m(
     half-log-SNR ``lambda = log(alpha / sigma)``, on :func:`time_grid` (or an explicit
     ``grid``); first-order on the first step, returns the data prediction at the last
     evaluation. Returns x0 in [-1, 1]."""
-    shift = schedule_shift(model)
-    ts = list(grid) if grid is not None else time_grid(steps, t_start, shift)
+    x, tt, alphas, sigmas, guided, shift = _setup(model, x, cond, steps, guidance, t_start, grid)
     b = x.shape[0]
-    x = x.float()
-    guided = _is_guided(cond, guidance)
-    tt = torch.tensor(ts, device=x.device)
-    alphas, sigmas = alpha_sigma(tt, shift)
     lams = 0.5 * logsnr(tt, shift)
     hs = lams[1:] - lams[:-1]
     d_prev = None
-    for i in range(len(ts)):
+    for i in range(len(tt)):
         d = _with_known(denoise(model, x, tt[i].expand(b), cond, guidance, guided=guided), cond, replace_mask)
-        if i == len(ts) - 1:
+        if i == len(tt) - 1:
             return d
         h = hs[i]
         if d_prev is None:
