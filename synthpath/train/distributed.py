@@ -74,6 +74,24 @@ class DistContext:
         if self.active:
             tdist.barrier()
 
+    def check_replicas(self, step: int, *modules: torch.nn.Module) -> None:
+        """Raise unless every rank starts at the same step with bit-identical weights (a rank
+        that resumed another checkpoint, or could not see rank 0's folder, would otherwise
+        train a diverging replica while the all-reduce still succeeds)."""
+        if not self.active:
+            return
+        h = hashlib.sha256(str(step).encode())
+        for m in modules:
+            for k, v in m.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        seen: list = [None] * self.world
+        tdist.all_gather_object(seen, (step, h.hexdigest()))
+        if len({d for _, d in seen}) > 1:
+            raise RuntimeError("the ranks do not hold the same training state: " + "; ".join(
+                f"rank {r} at step {s} (weights {d[:12]})" for r, (s, d) in enumerate(seen))
+                + "; every rank must see rank 0's train folder (a shared file system)")
+
     def my_chunks(self, chunks: list) -> list[tuple[int, list]]:
         """``(global chunk index, chunk)`` for the chunks this rank runs."""
         return [(j, c) for j, c in enumerate(chunks) if j % self.world == self.rank]

@@ -1,0 +1,171 @@
+"""Kill-and-resume under 2 processes with REAL kills (issue 16): ``synthpath train`` under
+torchrun (gloo, CPU, patient-level DP with ghost clipping), killed three times with SIGKILL
+and restarted, ends with the weights, ledger and loss log of an uninterrupted 2-process run.
+
+1. rank 1 alone is SIGKILLed after step 3 (the state of step 2 is on disk): torchrun must take
+   rank 0 down and exit, and nothing may be left running;
+2. the whole job (torchrun agent and both ranks) is SIGKILLed while rank 0 writes the state
+   of step 4: a torn temp folder is left behind and ``latest.json`` still names step 2;
+3. the whole job is SIGKILLed after training finished, before the stage is finalised: the
+   restart must not train again on any rank (0 optimiser steps on both) -- a worker rank
+   that looked at the folder itself would race rank 0 renaming it and train from scratch.
+
+The ranks run tests/dist_kill_driver.py, which kills at exactly the chosen point."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from synthpath.tiles.toystore import make_toy_store
+from synthpath.train.dprandom import TEST_SEED_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMP = re.compile(r"\.tmp\d*(\.[A-Za-z0-9]+)?$")
+LAUNCH_TIMEOUT = 240  # a hung rank fails the test instead of blocking the suite
+
+
+def _setup(root: Path) -> Path:
+    out = root / "out"
+    ingest = out / "ingest"
+    make_toy_store(ingest, n_patients=6, tile_px=16, n_levels=2, coarse_tiles=2, holdout_patients=1)
+    (ingest / "manifest.json").write_text(json.dumps({"stage": "ingest", "fingerprint": "toy",
+                                                      "finished_at": "2026-01-01T00:00:00+00:00"}))
+    recipe = {
+        "name": "dkill", "output_dir": str(out), "seed": 0,
+        "data": {"slide_dir": str(root), "classes": ["stroma", "tumour"]},
+        "ingest": {"tiling": {"levels": [2.0, 1.0], "tile_px": 16}},
+        "model": {"size": "tiny"},
+        # 3 patients x 2 tiles x K=2 = 12 rows a step in chunks of 4: both ranks work every step
+        "train": {"steps": 4, "batch_size": 3, "physical_batch_size": 4, "lr": 1e-3, "ema_decay": 0.9,
+                  "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "device": "cpu"},
+        "privacy": {"enabled": True, "unit": "patient", "target_epsilon": 8.0, "accountant": "rdp", "delta": 1e-2,
+                    "noise_multiplicity": 2, "tiles_per_patient": 2, "max_grad_norm": 0.05, "clipping": "ghost"},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+
+def _torchrun(recipe: Path, kill_at: str = "") -> subprocess.CompletedProcess:
+    pids = recipe.parent / "pids"
+    for f in pids.glob("rank*"):
+        f.unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", KILL_AT=kill_at, KILL_PIDS=str(pids))
+    env[TEST_SEED_ENV] = "11"  # the same (test, not private) DP seed in every run, so they can be compared
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "--max_restarts", "0", "--monitor_interval", "0.1", str(ROOT / "tests" / "dist_kill_driver.py"),
+                        str(recipe)], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                       start_new_session=True)
+    ranks = sorted(pids.glob("rank*"))
+    assert len(ranks) == 2, p.stderr[-3000:]
+    left = [f.name for f in ranks if _alive(int(f.read_text()))]
+    assert not left, f"{left} still running after torchrun exited ({kill_at or 'no kill'})"
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dref")
+    p = _torchrun(_setup(root))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root / "out" / "train"
+
+
+@pytest.mark.slow
+def test_sigkilled_two_process_training_resumes_to_the_uninterrupted_result(tmp_path, reference):
+    recipe = _setup(tmp_path)
+    out = tmp_path / "out"
+    partial, final = out / "train.partial", out / "train"
+    latest = partial / "state" / "latest.json"
+
+    p = _torchrun(recipe, "1:grad:3:self")  # one worker dies; torchrun must stop the other and exit
+    assert p.returncode != 0 and "exitcode  : -9" in p.stderr, p.stderr[-3000:]
+    assert not final.exists() and json.loads(latest.read_text())["step"] == 2
+
+    p = _torchrun(recipe, "0:state:4:job")  # the whole job, mid-way through writing a checkpoint
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert json.loads(latest.read_text())["step"] == 2  # the torn state is not named
+    assert (partial / "state" / "step_0000004.tmp" / "tensors.safetensors").is_file()
+
+    p = _torchrun(recipe, "0:finalise::job")  # the whole job, after training, before the stage is final
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not final.exists() and (partial / "train_done.json").is_file() and not (partial / "state").exists()
+
+    p = _torchrun(recipe)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("OPTIMISER_STEPS 0") == 2, p.stdout[-2000:]  # neither rank trained again
+    assert (final / "manifest.json").is_file() and not partial.exists()
+
+    for name in ("model.safetensors", "model_raw.safetensors"):
+        a, b = load_file(str(reference / name)), load_file(str(final / name))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+    led = json.loads((final / "ledger.json").read_text())
+    assert led == json.loads((reference / "ledger.json").read_text())
+    assert led["enabled"] and led["steps"] == 4 and 0 < led["epsilon"] <= 8.0 + 0.05
+    rows = (final / "losses.csv").read_text()
+    assert rows == (reference / "losses.csv").read_text()
+    assert [int(line.split(",")[0]) for line in rows.splitlines()[1:]] == [1, 2, 3, 4]
+    stray = [str(q.relative_to(final)) for q in final.rglob("*") if TEMP.search(q.name)]
+    assert not stray, f"temp files in the finished stage: {stray}"
+    assert not (final / "state").exists()
+    assert sorted(q.name for q in final.iterdir()) == sorted(q.name for q in reference.iterdir())
+
+
+def _replica_rank(rank: int, port: int, same: bool, q) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    from synthpath.train.distributed import DistContext
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0 if same or rank == 0 else 1)
+    model = torch.nn.Linear(3, 2)
+    try:
+        DistContext(rank=rank, world=2).check_replicas(2 if same or rank == 0 else 4, model)
+        q.put((rank, "ok"))
+    except RuntimeError as e:
+        q.put((rank, str(e)))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_ranks_with_different_states_refuse_to_train(same):
+    """A rank that resumed another checkpoint (other step, other weights) is caught before the
+    first step, on every rank, instead of training a diverging replica."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_replica_rank, args=(r, port, same, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    if same:
+        assert got == {0: "ok", 1: "ok"}
+    else:
+        for r in (0, 1):
+            assert "do not hold the same training state" in got[r] and "rank 1 at step 4" in got[r], got
