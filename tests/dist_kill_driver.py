@@ -27,8 +27,7 @@ count = {"grad": 0}
 
 
 def die():
-    if scope == "job":
-        os.kill(os.getppid(), signal.SIGKILL)  # the torchrun agent
+    if scope == "job":  # the other ranks, the torchrun agent, then this rank
         for f in pids.glob("rank*"):
             pid = int(f.read_text())
             if pid != os.getpid():
@@ -36,6 +35,7 @@ def die():
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
