@@ -103,9 +103,14 @@ def _reference_rank(rank: int, port: int, recipe: str, log: str) -> None:
 
     from synthpath.cli import main
 
+    import logging
+
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    for h in list(logging.root.handlers):  # pytest's capture handlers, inherited by the fork
+        logging.root.removeHandler(h)
+    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), TEST_SEED_ENV: "11"})
     torch.set_num_threads(1)  # as under torchrun (OMP_NUM_THREADS=1): the same reduction order
