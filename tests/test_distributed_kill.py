@@ -217,3 +217,29 @@ def test_ranks_with_different_states_refuse_to_train(same):
     else:
         for r in (0, 1):
             assert "do not hold the same training state" in got[r] and "rank 1 at step 4" in got[r], got
+
+
+def test_a_worker_rank_loads_rank_0s_state_without_the_secret_streams(tmp_path):
+    """What a rank other than 0 reads on resume: the folder rank 0 named, every public tensor,
+    and not the DP unit-sampling and noise generator states (rank 0's secret streams)."""
+    import torch
+
+    from synthpath.train.state import load_state, restore, save_state
+
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("units", "rows", "noise"))}
+    save_state(tmp_path, step=2, model=model, ema=ema, optimizer_state=opt.state_dict(), generators=gens,
+               extra={"history": []})
+    full = load_state(tmp_path)
+    assert {"gen.units", "gen.noise", "gen.rows"} <= set(full["tensors"]) and full["folder"] == "step_0000002"
+    part = load_state(tmp_path, folder="step_0000002", skip=("gen.units", "gen.noise"))
+    assert "gen.units" not in part["tensors"] and "gen.noise" not in part["tensors"]
+    assert part["tensors"].keys() == full["tensors"].keys() - {"gen.units", "gen.noise"}
+    rows = torch.Generator()
+    m2, e2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    restore(part, model=m2, ema=e2, optimizer=torch.optim.AdamW(m2.parameters()), generators={"rows": rows},
+            device=torch.device("cpu"))
+    assert torch.equal(rows.get_state(), gens["rows"].get_state()) and torch.equal(m2.weight, model.weight)
+    with pytest.raises(RuntimeError, match="unreadable"):  # a folder rank 0 named but this rank cannot read
+        load_state(tmp_path, folder="step_0000004")
