@@ -168,10 +168,10 @@ def is_worker_rank() -> bool:
 
 
 def run_train_worker(recipe, *, force: bool = False, options: dict | None = None) -> dict:
-    """``synthpath train`` on a rank other than 0: rank 0 runs the stage (its folder, manifest
-    and every artifact); this rank trains alongside it in rank 0's ``train.partial`` folder
-    and writes nothing. It joins the process group first, so rank 0 has prepared the folder
-    (``run_stage``) before this rank looks into it."""
+    """``synthpath train`` (or the train stage of ``synthpath build``) on a rank other than 0:
+    rank 0 runs the stage (its folder, manifest and every artifact); this rank trains alongside
+    it in rank 0's ``train.partial`` folder and writes nothing. It joins the process group
+    first, and reads that folder only as rank 0 directs (:func:`~synthpath.train.trainer.train`)."""
     from ..pipeline import fingerprint, get_stage, read_manifest, stage_dir
     from .trainer import resolve_device, train
 
