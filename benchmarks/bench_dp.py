@@ -1,6 +1,7 @@
 """DP training step time over non-DP step time, at the same physical batch.
 
-    python benchmarks/bench_dp.py                       # CPU, tiny model, 32 px, 16 rows
+    python benchmarks/bench_dp.py                       # CPU, tiny model, 32 px, 16 rows, 1 thread
+    python benchmarks/bench_dp.py --device cuda         # the same on the GPU (bf16 autocast, channels_last)
     python benchmarks/bench_dp.py --size base --px 256 --rows 32 --device cuda --iters 10
 
 Every variant runs the trainer's own step (:func:`synthpath.train.engine.gradient_step`)
@@ -13,19 +14,30 @@ on the same rows (tiles x noise draws) of random images with random conditions:
   (:class:`~synthpath.train.engine.GhostGradients`: per-unit norms without per-sample
   gradients, :mod:`synthpath.train.ghost`).
 
-On CUDA every variant runs under the same bf16 autocast (``predict_v``) and, with
-``--channels-last`` (default on CUDA), the same channels_last model and inputs. On the CPU
-the time is process CPU time (``time.process_time``: the machine is shared), on CUDA wall
-time after synchronising.
+Robust timing: every variant first takes ``--warmup`` untimed steps; then ``--repeats``
+rounds each time ``--iters`` steps of every variant in turn (interleaved, so a change in the
+machine's load hits a whole round), and the table gives the median and the range over the
+rounds of the seconds per step and of the round's ratio to non-DP.
 
-Prints a table and appends it to benchmarks/RESULTS.md. (Reference, one H100, plain
-Opacus on a 124M UNet: 2.7x slower with hooks, 4.8x with functorch.)
+On the CPU the clock is the process's CPU seconds (``resource.getrusage``: user + system,
+all threads), since the machine is shared; one torch thread by default, because idle
+OpenMP threads spin and bill CPU time. On CUDA every variant runs under the same bf16
+autocast (inside ``predict_v``) and, with ``--channels-last`` (default), the same
+channels_last model and inputs, and the clock is wall time between ``torch.cuda.synchronize``
+calls; the table adds each variant's peak GPU memory.
+
+Prints a table and appends it to benchmarks/RESULTS.md (``--out ''``: print only).
+(Reference, one H100, plain Opacus on a 124M UNet: 2.7x slower with hooks, 4.8x with functorch.)
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
+import shlex
+import statistics
+import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -86,79 +98,135 @@ def wrapper(kind: str, size: str, px: int, classes: int, units: int, device: tor
     return PrivateGradients(gsm, dp, acc, max_units=units), model
 
 
-def time_variant(kind: str, args, device: torch.device) -> dict:
-    rpu = args.tiles_per_patient if kind.endswith("patient") else 1
-    units = args.rows // rpu
-    cl = device.type == "cuda" and args.channels_last
-    grads, model = wrapper(kind, args.size, args.px, 2, units, device, cl)
-    make = make_rows_fn(args.rows, args.px, 2, rpu, device, cl)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def loss_fn(module, rows):
-        return diffusion_loss(module, rows.x0, rows.cond, generator=gen)
-
-    def step():
-        gradient_step(grads, list(range(units)), make, loss_fn)
-
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    t0 = clock()
-    for _ in range(args.iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (clock() - t0) / args.iters
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"kind": kind, "s_per_step": dt, "rows_per_s": args.rows / dt, "peak_gib": mem,
-            "params": count_params(model)}
+LABELS = {"plain": ("non-DP", "-"), "tile": ("tile", "Opacus hooks"), "patient": ("patient", "Opacus hooks"),
+          "ghost-tile": ("tile", "ghost"), "ghost-patient": ("patient", "ghost")}
 
 
-def main() -> None:
+class Variant:
+    """One wrapper, its model and its rows, ready to time steps of."""
+
+    def __init__(self, kind: str, args, device: torch.device):
+        rpu = args.tiles_per_patient if kind.endswith("patient") else 1
+        self.kind, self.units, self.device = kind, args.rows // rpu, device
+        cl = device.type == "cuda" and args.channels_last
+        self.grads, self.model = wrapper(kind, args.size, args.px, 2, self.units, device, cl)
+        self.make = make_rows_fn(args.rows, args.px, 2, rpu, device, cl)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.seconds: list[float] = []  # per step, one entry per timed repeat
+        self.peak_gib = 0.0  # CUDA only
+
+    def _loss(self, module, rows):
+        return diffusion_loss(module, rows.x0, rows.cond, generator=self.gen)
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            gradient_step(self.grads, list(range(self.units)), self.make, self._loss)
+
+    def timed(self, n: int) -> None:
+        """``n`` steps; appends seconds per step: wall time between two synchronisations on
+        CUDA, CPU seconds of this process (user + system, every thread) on the CPU."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter() if cuda else cpu_seconds()
+        self.steps(n)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_gib = max(self.peak_gib, torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self.seconds.append(((time.perf_counter() if cuda else cpu_seconds()) - t0) / n)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads), from getrusage."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def measure(kinds: list[str], args, device: torch.device) -> dict[str, Variant]:
+    """Warm every variant up (untimed), then ``args.repeats`` rounds; each round times
+    ``args.iters`` steps of every variant in turn, so a change in the machine's load falls on
+    all variants of a round alike and the per-round ratio to non-DP cancels most of it."""
+    var = {k: Variant(k, args, device) for k in kinds}
+    for v in var.values():
+        v.steps(args.warmup)
+    for _ in range(args.repeats):
+        for v in var.values():
+            v.timed(args.iters)
+    return var
+
+
+def table(var: dict[str, Variant], args, device: torch.device, command: str) -> str:
+    base = var["plain"].seconds
+    cuda = device.type == "cuda"
+    dev = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.machine()}, {torch.get_num_threads()} thread(s)"
+    prec = ("bf16 autocast" + (", channels_last" if args.channels_last else "") + "; wall seconds between "
+            "cuda.synchronize() calls") if cuda else "fp32; CPU seconds of the process (getrusage user + system)"
+    clock = "s/step" if cuda else "CPU s/step"
+    lines = [
+        f"`{command}` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+        f"- device: {dev}; {prec}",
+        f"- model `{args.size}` ({count_params(var['plain'].model):,} params); tile {args.px} px; physical batch "
+        f"{args.rows} rows; patient unit = {args.tiles_per_patient} rows",
+        f"- {args.warmup} warm-up step(s) per variant, not timed; then {args.repeats} rounds of {args.iters} timed "
+        f"steps per variant, variants interleaved within a round; ratio = the round's DP s/step over the same "
+        f"round's non-DP s/step; median [min - max] over the rounds\n",
+        f"| level | clipping | {clock} median [min - max] | DP / non-DP median [min - max] |"
+        + (" peak GiB |" if cuda else ""),
+        "|---|---|---|---|" + ("---|" if cuda else ""),
+    ]
+    for k, v in var.items():
+        level, clip = LABELS.get(k, (k, ""))
+        m, lo, hi = spread(v.seconds)
+        rm, rlo, rhi = spread([a / b for a, b in zip(v.seconds, base)])
+        lines.append(f"| {level} | {clip} | {m:.3f} [{lo:.3f} - {hi:.3f}] | {rm:.2f}x [{rlo:.2f} - {rhi:.2f}] |"
+                     + (f" {v.peak_gib:.2f} |" if cuda else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="tiny", help="model size (tiny, small, base)")
     ap.add_argument("--px", type=int, default=32, help="tile side")
     ap.add_argument("--rows", type=int, default=16, help="physical batch: rows through the model per step")
     ap.add_argument("--tiles-per-patient", type=int, default=4, help="rows folded into one patient unit")
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=2, help="timed steps per variant and round")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread over these)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the first round")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared CPU, idle OpenMP threads spin and bill CPU "
+                         "time to the process; 0 = leave torch's default)")
     ap.add_argument("--variants", default="plain,tile,patient,ghost-tile,ghost-patient")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                     help="channels_last model and inputs on CUDA (every variant alike)")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")),
+                    help="append the table to this file ('' = print only)")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.iters < 1 or args.warmup < 0:
+        ap.error("--repeats and --iters must be at least 1, --warmup at least 0")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but no CUDA device is available")
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
     kinds = [k.strip() for k in args.variants.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in LABELS]
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; choose from {', '.join(LABELS)}")
     if "plain" not in kinds:
         kinds.insert(0, "plain")
-    res = {k: time_variant(k, args, device) for k in kinds}
-    base = res["plain"]["s_per_step"]
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
-    prec = ("bf16 autocast" + (", channels_last" if args.channels_last else "")) if device.type == "cuda" \
-        else "fp32, CPU process time"
-    lines = [
-        f"\n## bench_dp.py, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
-        f"- device: {dev}, {prec}; model `{args.size}` ({res['plain']['params']:,} params); tile {args.px} px; "
-        f"physical batch {args.rows} rows; patient unit = {args.tiles_per_patient} rows; "
-        f"{args.iters} timed steps after {args.warmup} warm-up\n",
-        "| step | s/step | rows/s | DP / non-DP | peak GPU GiB |",
-        "|---|---|---|---|---|",
-    ]
-    for k, r in res.items():
-        lines.append(f"| {k} | {r['s_per_step']:.3f} | {r['rows_per_s']:.1f} | {r['s_per_step'] / base:.2f}x | "
-                     f"{r['peak_gib']:.2f} |")
-    text = "\n".join(lines) + "\n"
+    command = "python benchmarks/bench_dp.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = table(measure(kinds, args, device), args, device, command.strip())
     print(text)
-    with open(args.out, "a") as f:
-        f.write(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n## bench_dp.py\n\n" + text)
 
 
 if __name__ == "__main__":

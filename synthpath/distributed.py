@@ -8,8 +8,10 @@ they are rank 0 of 1. Only ``generate`` is split between workers (by groups of s
 Under torchrun (``MASTER_ADDR`` set and ``WORLD_SIZE`` > 1) the workers also meet at
 ``torch.distributed`` barriers over the ``gloo`` backend (CPU, no GPU needed):
 
-* ``build``: rank 0 runs the single-process stages before ``generate`` (ingest, train,
-  audit) while the others wait at a barrier; rank 0 then prepares the ``generate.partial``
+* ``build``: rank 0 runs the single-process stages before ``generate`` (ingest, audit)
+  while the others wait at a barrier; ``train`` runs data-parallel on every rank (rank 0
+  runs the stage, the others train alongside it: :mod:`synthpath.train.distributed`, with
+  an NCCL group for the gradients on GPUs); rank 0 then prepares the ``generate.partial``
   folder (removing a stale one), all ranks generate, and after a second barrier (the stage
   is then finalised by one of them) rank 0 runs ``export`` and ``evaluate``. A failure on
   any rank is reported to all, so none waits forever.
@@ -140,6 +142,28 @@ def _run_generate(g: _Group, recipe, *, force: bool, options: dict | None) -> di
     return out
 
 
+def _run_train(g: _Group, recipe, *, force: bool, options: dict | None) -> list[dict]:
+    """The train stage on every rank (data-parallel, :mod:`synthpath.train.distributed`): rank 0
+    decides whether it runs and runs it as a stage (its folder, manifest, every artifact); the
+    other ranks train alongside it and write nothing. A failure here is not shared: the failing
+    process exits, the others' collectives fail with it, and torchrun stops the job."""
+    from .train import distributed as D
+
+    run = None
+    if g.rank == 0:
+        run = force or not is_current(recipe, get_stage("train"))
+    box = [run]
+    g.dist.broadcast_object_list(box, src=0)
+    if not box[0]:
+        return [run_stage(recipe, "train", options=options)] if g.rank == 0 else []  # up to date
+    with D.shared_group():
+        if g.rank == 0:
+            return [run_stage(recipe, "train", force=force, options=options)]
+        log.info("rank %d of %d trains its share of every step of the train stage", g.rank, g.world)
+        D.run_train_worker(recipe, force=True, options=options)
+    return []
+
+
 def generate_ranked(recipe, *, force: bool = False, options: dict | None = None) -> dict | None:
     """``synthpath generate`` under torchrun."""
     with _Group() as g:
@@ -160,14 +184,20 @@ def build_ranked(recipe, *, force: tuple[str, ...] = (), until: str | None = Non
     before, after = names[:cut], names[cut + 1:]
     out: list[dict] = []
     with _Group() as g:
-        err = None
-        if g.rank == 0 and before:
-            try:
-                out += build(recipe, force=tuple(f for f in force if f in before), options=options,
-                             only=tuple(before), until=before[-1])
-            except Exception as e:  # noqa: BLE001
-                err = f"{type(e).__name__}: {e}"
-        g.share_errors(err, f"{', '.join(before)} (on rank 0)")
+        # the single-process stages around train on rank 0; train itself on every rank
+        cut_train = before.index("train") if "train" in before else len(before)
+        for part in (before[:cut_train], ["train"] if "train" in before else [], before[cut_train + 1:]):
+            if part == ["train"]:
+                out += _run_train(g, recipe, force="train" in force, options=options)
+                continue
+            err = None
+            if g.rank == 0 and part:
+                try:
+                    out += build(recipe, force=tuple(f for f in force if f in part), options=options,
+                                 only=tuple(part), until=part[-1])
+                except Exception as e:  # noqa: BLE001
+                    err = f"{type(e).__name__}: {e}"
+            g.share_errors(err, f"{', '.join(part) or 'nothing'} (on rank 0)")
         # a forced stage before generate makes generate stale by its fingerprint; a forced
         # generate is forced here, once, by rank 0
         if "generate" in names:

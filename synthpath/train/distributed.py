@@ -23,6 +23,7 @@ One logical step on ``W`` processes (see docs/architecture.md, "Training on seve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -33,6 +34,8 @@ import torch.distributed as tdist
 
 log = logging.getLogger("synthpath.train")
 _OURS = False  # whether this module opened the process group (data-parallel training)
+_SHARED = False  # the stage runner's group is lent to training (``build`` under torchrun, see shared_group)
+_NCCL = None  # NCCL group for gradients when the lent group is gloo and training runs on GPUs
 
 
 @dataclass
@@ -41,6 +44,7 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     device: torch.device | None = None  # where collectives run (the GPU under NCCL)
+    group: object = None  # process group of the gradient all-reduce (None: the default group)
 
     @property
     def main(self) -> bool:
@@ -63,7 +67,7 @@ class DistContext:
         if not self.active or not tensors:
             return tensors
         flat = torch.cat([t.reshape(-1).float().to(self.device or t.device) for t in tensors])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=self.group)
         out, i = [], 0
         for t in tensors:
             out.append(flat[i:i + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
@@ -73,6 +77,24 @@ class DistContext:
     def barrier(self) -> None:
         if self.active:
             tdist.barrier()
+
+    def check_replicas(self, step: int, *modules: torch.nn.Module) -> None:
+        """Raise unless every rank starts at the same step with bit-identical weights (a rank
+        that resumed another checkpoint, or could not see rank 0's folder, would otherwise
+        train a diverging replica while the all-reduce still succeeds)."""
+        if not self.active:
+            return
+        h = hashlib.sha256(str(step).encode())
+        for m in modules:
+            for k, v in m.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        seen: list = [None] * self.world
+        tdist.all_gather_object(seen, (step, h.hexdigest()))
+        if len({d for _, d in seen}) > 1:
+            raise RuntimeError("the ranks do not hold the same training state: " + "; ".join(
+                f"rank {r} at step {s} (weights {d[:12]})" for r, (s, d) in enumerate(seen))
+                + "; every rank must see rank 0's train folder (a shared file system)")
 
     def my_chunks(self, chunks: list) -> list[tuple[int, list]]:
         """``(global chunk index, chunk)`` for the chunks this rank runs."""
@@ -92,11 +114,11 @@ def env_world() -> tuple[int, int, int]:
 def context(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join (or create) the process group the environment describes; returns the context and
     this process's device (``cuda:LOCAL_RANK`` on GPUs)."""
-    global _OURS
+    global _OURS, _NCCL
     rank, world, local = env_world()
     if world <= 1:
         return DistContext(), device
-    if tdist.is_initialized() and not _OURS:
+    if tdist.is_initialized() and not _OURS and not _SHARED:
         # a group opened by the pipeline's own runner (``build`` under torchrun: rank 0 runs
         # the single-process stages while the others wait): train on this process alone
         log.info("train runs on rank %d alone (the process group belongs to the stage runner); use "
@@ -115,10 +137,28 @@ def context(device: torch.device) -> tuple[DistContext, torch.device]:
     if tdist.get_world_size() != world or tdist.get_rank() != rank:
         raise RuntimeError(f"process group is rank {tdist.get_rank()} of {tdist.get_world_size()}, "
                            f"the environment says {rank} of {world}")
-    ctx = DistContext(rank=rank, world=world, local_rank=local, device=device)
+    group = None
+    if _SHARED and device.type == "cuda" and tdist.get_backend() != "nccl":
+        if _NCCL is None:  # every rank creates it at the same point (train's first lines), once
+            _NCCL = tdist.new_group(backend="nccl")
+        group = _NCCL
+    ctx = DistContext(rank=rank, world=world, local_rank=local, device=device, group=group)
     if not joined:
         ctx.barrier()
     return ctx, device
+
+
+@contextlib.contextmanager
+def shared_group():
+    """Within the block, :func:`context` trains data-parallel on the process group the stage
+    runner opened (``synthpath build`` under torchrun: gloo for its barriers, plus an NCCL
+    group for the gradients when training runs on GPUs) instead of on rank 0 alone."""
+    global _SHARED, _NCCL
+    _SHARED = True
+    try:
+        yield
+    finally:
+        _SHARED, _NCCL = False, None
 
 
 def is_worker_rank() -> bool:
@@ -128,10 +168,10 @@ def is_worker_rank() -> bool:
 
 
 def run_train_worker(recipe, *, force: bool = False, options: dict | None = None) -> dict:
-    """``synthpath train`` on a rank other than 0: rank 0 runs the stage (its folder, manifest
-    and every artifact); this rank trains alongside it in rank 0's ``train.partial`` folder
-    and writes nothing. It joins the process group first, so rank 0 has prepared the folder
-    (``run_stage``) before this rank looks into it."""
+    """``synthpath train`` (or the train stage of ``synthpath build``) on a rank other than 0:
+    rank 0 runs the stage (its folder, manifest and every artifact); this rank trains alongside
+    it in rank 0's ``train.partial`` folder and writes nothing. It joins the process group
+    first, and reads that folder only as rank 0 directs (:func:`~synthpath.train.trainer.train`)."""
     from ..pipeline import fingerprint, get_stage, read_manifest, stage_dir
     from .trainer import resolve_device, train
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_text
@@ -113,20 +114,29 @@ def _json_default(o):
     raise TypeError(f"cannot store {type(o).__name__} in the JSON training state")
 
 
-def load_state(root: Path) -> dict | None:
-    """The newest complete state under ``root`` as ``{"step", "tensors", "meta"}``, or None."""
-    p = root / LATEST
-    if not p.is_file():
-        return None
+def load_state(root: Path, *, folder: str | None = None, skip: tuple[str, ...] = ()) -> dict | None:
+    """The newest complete state under ``root`` as ``{"step", "tensors", "meta", "folder"}``, or None.
+
+    ``folder``: load that state folder (named by rank 0 under data-parallel training) instead
+    of the one ``latest.json`` names. ``skip``: tensor names not to read at all (another rank
+    never reads rank 0's secret DP generator states)."""
     try:
-        latest = json.loads(p.read_text())
-        folder = root / latest["folder"]
-        meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "tensors.safetensors"))
-    except (OSError, KeyError, json.JSONDecodeError) as e:
+        if folder is None:
+            p = root / LATEST
+            if not p.is_file():
+                return None
+            folder = json.loads(p.read_text())["folder"]
+        where = root / folder
+        meta = json.loads((where / "state.json").read_text())
+        if skip:
+            with safe_open(str(where / "tensors.safetensors"), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if k not in skip}
+        else:
+            tensors = load_file(str(where / "tensors.safetensors"))
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
         raise RuntimeError(f"the resumable training state in {root} is unreadable ({e}); delete that folder "
                            f"to start training again from scratch") from None
-    return {"step": int(meta["step"]), "tensors": tensors, "meta": meta}
+    return {"step": int(meta["step"]), "tensors": tensors, "meta": meta, "folder": folder}
 
 
 def restore(state: dict, *, model: torch.nn.Module, ema: torch.nn.Module, optimizer,

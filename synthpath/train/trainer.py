@@ -101,7 +101,7 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
     P.check_supported(model)
     if tcfg.compile:
         log.warning("train.compile is ignored under DP: Opacus' per-sample hooks need the eager model")
-    noise_gen = gens["noise"]
+    noise_gen = gens.get("noise")  # None on a rank other than 0, which adds no noise
     K = pcfg.noise_multiplicity
     multi = dist is not None and dist.active
     if multi and pcfg.clipping != "ghost":
@@ -215,18 +215,25 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     from ..tiles.store import TileStoreError
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     tcfg, pcfg, mcfg = recipe.train, recipe.privacy, recipe.model
     settings = settings_of(recipe)
     state_dir = workdir / "state"
     dist, device = D.context(resolve_device(tcfg.device))  # torchrun / srun: one process per device
-    done = read_done(workdir, settings)
+    # rank 0 alone looks after the folder and decides; the other ranks follow its decision (a
+    # worker reading the folder itself could race rank 0 finalising or cleaning it)
+    done = None
+    if dist.main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        done = read_done(workdir, settings)
+    done = dist.broadcast_object(done)
     if done is not None:  # killed after the end of training, before the stage was finalised
-        shutil.rmtree(state_dir, ignore_errors=True)
-        remove_temp_files(workdir)
+        if dist.main:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            remove_temp_files(workdir)
         log.info("training in %s had already finished (%s); not training again", workdir, DONE)
         return done
-    remove_temp_files(workdir)  # what a killed writer left behind
+    if dist.main:
+        remove_temp_files(workdir)  # what a killed writer left behind
     try:
         dataset = TileDataset(store_dir, split="train")
     except (TileStoreError, OSError) as e:
@@ -259,10 +266,13 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     secure = pcfg.enabled and pcfg.secure_mode
     randomness, noise_note = None, None
     label_block, prior = None, []
-    if pcfg.enabled:
+    if pcfg.enabled and dist.main:
         injected = dp_seed if dp_seed is not None else dprandom.injected_seed_from_env()
         private, randomness, noise_note = dprandom.private_streams(device, secure=secure, test_seed=injected)
         gens.update(private)
+    elif pcfg.enabled:  # another rank never holds the secret streams: rank 0 samples and adds the noise
+        del gens["units"]
+    if pcfg.enabled:
         n_units = len(dataset.patients) if pcfg.unit == "patient" else len(dataset)
         if recipe.generate.label_proportions:
             label_block = L.public_label_shares(recipe.generate.label_proportions)
@@ -279,6 +289,8 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     loss_fn = DiffusionLoss(p_label=mcfg.p_drop_label, p_parent=mcfg.p_drop_parent, p_known=mcfg.p_known,
                             generator=gens["rows"])
     saved_gens = {k: g for k, g in gens.items() if not (secure and k in ("units", "noise"))}
+    if not dist.main:
+        saved_gens = {"rows": gens["rows"]}  # rank 0's state holds the unit and noise streams; never read here
     for w in (setup.plan.warnings if dp else [P.NO_GUARANTEE]):
         log.warning(w)
     if dp:
@@ -289,7 +301,10 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     # ---------------------------------------------------------------- resume
     start, history = 0, []
     loss_rows: list[dict] = []
-    st = load_state(state_dir)
+    st = load_state(state_dir) if dist.main else None
+    chosen = dist.broadcast_object(None if st is None else st["folder"])  # every rank resumes rank 0's state
+    if not dist.main and chosen is not None:
+        st = load_state(state_dir, folder=chosen, skip=("gen.units", "gen.noise"))
     if st is not None:
         extra = st["meta"].get("extra", {})
         saved_hist = [tuple(h) for h in extra.get("history", [])]
@@ -303,12 +318,13 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
         if dp:
             label_block, randomness = extra.get("label_shares", label_block), extra.get("dp_randomness", randomness)
         log.info("resuming training at step %d of %d", start, tcfg.steps)
-    elif label_block is not None and label_block["source"] == "dp":
+    elif label_block is not None and label_block["source"] == "dp" and dist.main:
         # the label shares' noise is the first draw of the private noise stream
         label_block = L.release_label_shares(label_block, L.unit_label_vectors(dataset, setup.unit, len(classes)),
                                              gens["noise"])
     if start > tcfg.steps:
         raise StageError(f"the saved state is at step {start}, past train.steps={tcfg.steps}")
+    dist.check_replicas(start, model, ema)  # same step, same weights on every rank, or stop here
 
     picks = grid_conditions(dataset, len(classes))
     summary_base = {"classes": classes, "levels": levels, "tile_px": tile_px, "model_size": mcfg.size,
@@ -354,7 +370,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
                                               "recipe_hash": recipe.section_hash("model", "train", "privacy"),
                                               "privacy": _privacy_brief(led, dp)})
 
-    sampler = setup.sampler_factory(tcfg.steps - start)
+    sampler = setup.sampler_factory(tcfg.steps - start) if dist.main else None  # rank 0 draws the units
     bar = None
     if progress:
         from tqdm.auto import tqdm
