@@ -198,7 +198,7 @@ class PixelSpace(FeatureSpace):
 
     def __init__(self, tile_px: int, *, grid: int = 8, blur_sigma: float | None = None, min_std: float = 0.03,
                  substeps: int = 2, scales: tuple[float, ...] = (0.9, 1.0, 1.1), dihedral_views: bool = True, device=None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, layout: int = 2, candidates: int = 32):
         super().__init__(device, batch_size)
         if tile_px < 8:
             raise FeatureSpaceError(f"pixel space needs tiles of at least 8 px, got {tile_px}")
@@ -220,6 +220,15 @@ class PixelSpace(FeatureSpace):
             raise FeatureSpaceError(f"pixel space scales must be in 0.5..2, got {scales}")
         self.dihedral_views = bool(dihedral_views)
         self.transforms = _DIHEDRAL if self.dihedral_views else _DIHEDRAL[:1]
+        self.layout = int(layout)
+        last = self.grid * self.substeps
+        if self.layout < 2 or last % (self.layout - 1):
+            raise FeatureSpaceError(f"pixel space layout must be >= 2 and divide the window grid ({last}), got {layout}")
+        self.part_at = [i * last // (self.layout - 1) for i in range(self.layout)]
+        self.parts = self.layout * self.layout
+        self.candidates = int(candidates)
+        if self.candidates < 1:
+            raise FeatureSpaceError(f"pixel space candidates must be at least 1, got {candidates}")
         self.l2 = False  # each part is L2-normalised on its own in _embed
 
     @property
@@ -252,6 +261,58 @@ class PixelSpace(FeatureSpace):
     def shift_tolerance_px(self) -> int:
         """Largest shift (px, per axis) of a copied training tile this space is built to catch."""
         return self.tile_px // 2
+
+    # ---------------------------------------------------------------- coarse stage
+    @property
+    def has_coarse(self) -> bool:
+        """Whether the two-stage search can use a coarse version of this space (an even grid)."""
+        return self.grid % 2 == 0 and self.grid >= 4
+
+    @property
+    def coarse_dim(self) -> int:
+        return 3 * (self.grid // 2) ** 2 + 1
+
+    def coarse(self, v: Tensor) -> Tensor:
+        """Fine part/view vectors [..., 3g²+1] -> coarse ones [..., 3(g/2)²+1]: the same window
+        with 2x2 cells pooled into one, re-standardised per channel and L2-normalised; the
+        textureless marker (the last coordinate) is kept, so a blank window stays far away.
+        Pooling standardised cells equals standardising pooled cells up to a per-channel affine
+        map, so this is the coarse embedding of the same pixels."""
+        g, h = self.grid, self.grid // 2
+        lead = v.shape[:-1]
+        body = v[..., :-1].float().reshape(-1, 3, h, 2, h, 2).mean(dim=(3, 5))
+        mean = body.mean(dim=(-2, -1), keepdim=True)
+        std = body.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        z = l2_normalize(((body - mean) / std.clamp_min(1e-6)).flatten(1))
+        return torch.cat([z.reshape(*lead, 3 * h * h), v[..., -1:].float()], dim=-1)
+
+    def _grid_views(self):
+        """(search view indices, their neighbour table): the search views are the window
+        positions every ``cell`` px (``substeps`` grid positions) of every transform at every
+        scale; each one's neighbours are the positions within half that step (same transform
+        and scale), so the refinement reaches every position of the full grid."""
+        sub, nbr, start, r = [], [], 0, self.substeps
+        h = r // 2
+        offs = range(-h, r - h + (1 if r > 1 else 0))
+        for sc in self.scales:
+            p = self._positions_at(sc)
+            keep = [(i, j) for i in range(0, p, r) for j in range(0, p, r)]
+            near = [[min(max(i + a, 0), p - 1) * p + min(max(j + b, 0), p - 1) for a in offs for b in offs]
+                    for i, j in keep]
+            for _ in self.transforms:
+                sub += [start + i * p + j for i, j in keep]
+                nbr += [[start + v for v in row] for row in near]
+                start += p * p
+        return torch.tensor(sub, dtype=torch.long), torch.tensor(nbr, dtype=torch.long)
+
+    def search_views(self) -> Tensor:
+        """Indices of the query views the retrieval and verification stages compare."""
+        return self._grid_views()[0]
+
+    def view_neighbours(self) -> Tensor:
+        """[len(search_views), substeps²]: for each search view, the views of the full grid
+        that the refinement stage tries around it."""
+        return self._grid_views()[1]
 
     def _blur(self, x: Tensor) -> Tensor:
         if self._kernel is None:
@@ -312,7 +373,7 @@ class PixelSpace(FeatureSpace):
         return v
 
     def _embed(self, x: Tensor) -> Tensor:
-        quads = self._windows(self._map(x), [0, self.grid * self.substeps])  # the 4 quadrants [N,4,3,g,g]
+        quads = self._windows(self._map(x), self.part_at)  # the layout x layout parts [N,P,3,g,g]
         return self._normalise(quads, +1.0).flatten(1)
 
     @torch.no_grad()
