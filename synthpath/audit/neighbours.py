@@ -190,21 +190,22 @@ class TwoStageIndex:
     1. Retrieval: a subset of the query's views (``search_views``: the grid every few px),
        made coarse by ``coarse`` (fewer dims), against a coarse bank (``coarse`` of every
        part) -> the ``candidates`` nearest tiles per query.
-    2. Verification: exact float32 distances of the same view subset to every part of each
-       candidate; per candidate the ``refine_top`` best (view, part) pairs are kept.
-    3. Refinement: around each kept pair, the views of the full grid nearby
+    2. Selection: coarse distances of the same view subset to every part of each
+       candidate; per candidate and part the ``refine_top`` best views are kept.
+    3. Refinement: around each kept (view, part) pair, the views of the full grid nearby
        (``neighbours[v]``: same transform and scale, positions within half a grid step)
-       against that part. A candidate's distance is the smallest seen.
+       against that part, in float32 at full dimension. A candidate's distance is the
+       smallest of these fine distances.
 
-    A query costs ``V_sub x P x N`` coarse dot products plus ``V_sub x P x candidates`` exact
-    ones (plus a few hundred per candidate to refine), instead of ``V x P x N``. With at most
+    A query costs ``V_sub x P x (N + candidates)`` coarse dot products plus
+    ``P x refine_top x R x candidates`` fine ones, instead of ``V x P x N`` fine ones. With at most
     ``candidates`` tiles in the bank, stage 2 runs on all of them. Same interface as
     :class:`NeighbourIndex`; distances and neighbour order are float32-exact for the views
     it compares.
     """
 
     def __init__(self, base, *, parts: int, coarse, search_views: Tensor, neighbours: Tensor, candidates: int = 32,
-                 refine_top: int = 16, device=None, precision: str = "auto"):
+                 refine_top: int = 4, device=None, precision: str = "auto"):
         self.fine = NeighbourIndex(base, parts=parts, device=device, precision="fp32")
         self.device = self.fine.device
         self.n, self.parts, self.dim = self.fine.n, self.fine.parts, self.fine.dim
@@ -227,18 +228,20 @@ class TwoStageIndex:
 
     def _verify_refine(self, q: Tensor, cq: Tensor, cand: Tensor) -> Tensor:
         """Squared fine distances [b, c] of queries (all views q [b, V, D], coarse search views
-        cq [b, Vs, Dc]) to candidate tiles cand [b, c]: per candidate the ``refine_top`` best
-        (view, part) pairs by coarse distance, each refined over its neighbouring views."""
+        cq [b, Vs, Dc]) to candidate tiles cand [b, c]: per candidate and part the
+        ``refine_top`` best search views by coarse distance, each refined over its
+        neighbouring views."""
         b, c = cand.shape
         P, D = self.parts, self.dim
         crows = self._cbank[cand.clamp_min(0)].reshape(b, c * P, -1)
         d2 = (cq.pow(2).sum(-1, keepdim=True) + crows.pow(2).sum(-1).unsqueeze(1)
               - 2.0 * torch.bmm(cq, crows.transpose(1, 2)))  # [b, Vs, c*P]
         vs = cq.shape[1]
-        d2 = d2.view(b, vs, c, P).permute(0, 2, 1, 3).reshape(b, c, vs * P)
-        r = min(self.refine_top, vs * P)
-        top_i = torch.topk(d2, r, dim=2, largest=False).indices  # [b, c, r]
-        v_sub, part = top_i // P, top_i % P
+        d2 = d2.view(b, vs, c, P).permute(0, 2, 3, 1)  # [b, c, P, Vs]
+        r = min(self.refine_top, vs)
+        v_sub = torch.topk(d2, r, dim=3, largest=False).indices.reshape(b, c, P * r)  # best views of every part
+        part = torch.arange(P, device=cand.device).repeat_interleave(r).expand(b, c, P * r)
+        r = P * r
         nbr = self._nbr[v_sub]  # [b, c, r, R] view indices into q
         R = nbr.shape[-1]
         views = torch.gather(q, 1, nbr.reshape(b, -1, 1).expand(-1, -1, D)).view(b, c, r, R, D)
