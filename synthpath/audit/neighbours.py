@@ -206,9 +206,12 @@ class TwoStageIndex:
 
     def __init__(self, base, *, parts: int, coarse, search_views: Tensor, neighbours: Tensor, candidates: int = 32,
                  refine_top: int = 4, device=None, precision: str = "auto"):
-        self.fine = NeighbourIndex(base, parts=parts, device=device, precision="fp32")
-        self.device = self.fine.device
-        self.n, self.parts, self.dim = self.fine.n, self.fine.parts, self.fine.dim
+        b = _as2d(base, "base")
+        if not b.is_floating_point() or parts < 1 or b.shape[1] % parts:
+            raise ValueError(f"base must be a float [N, parts*D] tensor with {parts} parts, got {b.dtype} {tuple(b.shape)}")
+        self.device = _device(device)
+        self.exact = b.to(self.device)  # the bank as stored (fp16), for the fine distances
+        self.n, self.parts, self.dim = int(b.shape[0]), int(parts), int(b.shape[1]) // int(parts)
         self.candidates = int(candidates)
         self.refine_top = int(refine_top)
         self._coarse_fn = coarse
@@ -216,7 +219,7 @@ class TwoStageIndex:
         self._nbr = neighbours.to(self.device, torch.long)
         if self._nbr.shape[0] != self._sub.shape[0]:
             raise ValueError(f"neighbours has {self._nbr.shape[0]} rows for {self._sub.shape[0]} search views")
-        cb = coarse(self.fine.exact.float().reshape(self.n, parts, self.dim)) if self.n else \
+        cb = coarse(self.exact.float().reshape(self.n, parts, self.dim)) if self.n else \
             torch.zeros(0, parts, 1, device=self.device)
         self._cbank = cb.contiguous()  # [N, P, Dc] float32
         self.coarse: NeighbourIndex | None = None
@@ -245,7 +248,7 @@ class TwoStageIndex:
         nbr = self._nbr[v_sub]  # [b, c, r, R] view indices into q
         R = nbr.shape[-1]
         views = torch.gather(q, 1, nbr.reshape(b, -1, 1).expand(-1, -1, D)).view(b, c, r, R, D)
-        rows = self.fine.exact[cand.clamp_min(0)].float().view(b, c, P, D)
+        rows = self.exact[cand.clamp_min(0)].float().view(b, c, P, D)
         ref = torch.gather(rows, 2, part.unsqueeze(-1).expand(-1, -1, -1, D))  # [b, c, r, D]
         fine = (views - ref.unsqueeze(3)).pow(2).sum(-1).amin(dim=(2, 3))
         return fine.masked_fill(cand < 0, float("inf"))
