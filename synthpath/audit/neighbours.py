@@ -16,10 +16,15 @@ order of the returned neighbours are float32-exact. On the CPU everything is flo
 
 Views and parts. A query may come as several *views* ``[Q, V, D]`` (the pixel space's
 shifted windows under the 8 dihedral transforms) and a bank row as several *parts*
-``[N, P·D]`` (the pixel space's four half-tile quadrants, concatenated). The distance from
+``[N, P·D]`` (the pixel space's nine half-tile windows, concatenated). The distance from
 a query to a bank tile is the smallest over its views and the tile's parts; each bank tile
 appears at most once in a query's neighbours, and indices are tile rows. ``parts`` is
 inferred as ``bank dim / query dim`` when not given.
+
+Two-stage search (:class:`TwoStageIndex`, the pixel space's index): with ~27k views per
+query, comparing every view with every part of every bank tile is too costly, so a coarse
+retrieval picks ``candidates`` tiles and a local refinement on the full view grid gives
+their distances (see the class).
 
 Metrics (same level only; the caller splits by level):
 - Carlini et al.'s calibrated ℓ2: d1 / mean(d1..dn) over the n nearest training tiles;
