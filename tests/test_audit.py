@@ -10,7 +10,7 @@ import torch
 from synthpath.audit.filter import ReleaseFilter, ReleaseFilterError
 from synthpath.audit.mia import attack_metrics, plot_roc, roc_auc, roc_curve, tpr_at_fpr
 from synthpath.audit.filter import bank_index
-from synthpath.audit.neighbours import (closer_to_train_share, knn, knn_views, memorization)
+from synthpath.audit.neighbours import (TwoStageIndex, closer_to_train_share, knn, knn_views, memorization)
 from synthpath.features import (CheckpointSpace, EfficientNetSpace, FeatureSpaceError, PixelSpace,
                                 build_feature_space)
 
@@ -102,6 +102,10 @@ def test_pixel_space_views_catch_shift_and_dihedral():
     tile = big[32:96, 32:96][None]
     base = sp.embed(tile)
     two_stage = bank_index(torch.cat([base, sp.embed(other)]), "cpu", sp)  # the filter's coarse-to-fine search
+    sub, nbr = sp._grid_views()  # coarse retrieval of a single candidate out of two tiles
+    retrieve = TwoStageIndex(torch.cat([sp.embed(other), base]).half(), parts=sp.parts, coarse=sp.coarse,
+                             search_views=sub, neighbours=nbr, candidates=1, device="cpu")
+    assert retrieve.coarse is not None and two_stage.coarse is None
     for dy, dx in ((2, -4), (-32, 0), (32, 32), (-30, 16), (-2, 2), (3, -1), (-31, 15)):  # on the 1-px grid: exact
         moved = big[32 + dy:96 + dy, 32 + dx:96 + dx][None]  # the tile shifted, new tissue filling the rest
         views = sp.embed_views(moved)
@@ -109,6 +113,8 @@ def test_pixel_space_views_catch_shift_and_dihedral():
         assert d_shift < 1e-3, ((dy, dx), d_shift)
         nb = two_stage.search(views, 2)
         assert nb.index[0, 0] == 0 and nb.dist[0, 0] < 2e-3 < 0.5 < nb.dist[0, 1], ((dy, dx), nb)
+        nb = retrieve.search(views, 1)
+        assert nb.index[0, 0] == 1 and nb.dist[0, 0] < 2e-3, ((dy, dx), nb)
     zoomed = np.asarray(Image.fromarray(big[35:93, 35:93]).resize((64, 64), Image.LANCZOS))[None]  # a 10% zoom-in
     assert knn_views(sp.embed_views(zoomed), base, 1).dist[0, 0] < 0.15  # the centre part survives it
     for k in range(1, 4):
