@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--heading", default="issue 12 (i12a): planted copies vs the release filter (bench_copies.py)",
+                    help="the RESULTS.md section heading (a date is appended)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -112,6 +115,7 @@ def main() -> None:
     levels = [int(v) for v in a.levels.split(",")]
     names = {lv: f"{store.levels[lv]:g} µm/px" for lv in levels}
     table: dict[str, dict[int, dict]] = {}
+    check_cpu, checked = 0.0, 0
     attacks = copies.attacks(store.tile_px)
     if a.attacks:
         attacks = {k: v for k, v in attacks.items() if k in a.attacks.split(",")}
@@ -125,7 +129,9 @@ def main() -> None:
         for name, attack in attacks.items():
             planted = copies.plant(train, sources, attack, seed=a.seed + 1)
             x = torch.from_numpy(planted).permute(0, 3, 1, 2).float() / 127.5 - 1
+            c1 = _cpu()
             res = cal.filter.check(x, lv)
+            check_cpu, checked = check_cpu + _cpu() - c1, checked + len(x)
             anyf = torch.zeros(len(pick), dtype=torch.bool)
             row = {"n": len(pick)}
             for s, r in res.items():
@@ -138,15 +144,16 @@ def main() -> None:
     total_s = _cpu() - c0
 
     space_desc = {s: cal.spaces[s].describe() for s in spaces}
-    lines = [f"\n## issue 12 (i12a): planted copies vs the release filter (bench_copies.py), {dt.date.today()}\n",
+    lines = [f"\n## {a.heading}, {dt.date.today()}\n",
              f"Demo slide store ({len(store)} tiles, {store.tile_px} px); spaces {', '.join(spaces)}"
              + (f" (learned encoder {a.encoder_steps} steps)" if "learned" in spaces else "")
              + f"; thresholds = {a.quantile:g} quantiles of holdout distances, k = {a.k}. Pixel space: "
              f"{space_desc.get('pixel', {}).get('n_views', '-')} query views, "
              f"{space_desc.get('pixel', {}).get('parts', '-')} parts. Share of planted copies flagged "
              "(per space / any space). CPU seconds: calibration "
-             f"{calib_s:.0f}, total {total_s:.0f}. Command: `python benchmarks/bench_copies.py "
-             + " ".join(sys.argv[1:]) + "`\n"]
+             f"{calib_s:.0f}, total {total_s:.0f}; filter check {1000 * check_cpu / max(1, checked):.0f} ms per planted "
+             "tile (all spaces, embedding + search). Command: `python benchmarks/bench_copies.py "
+             + shlex.join(sys.argv[1:]) + "`\n"]
     head = "| copy | " + " | ".join(f"{names[lv]} ({'/'.join(spaces)} / any)" for lv in levels) + " |"
     lines += [head, "|---|" + "---|" * len(levels)]
     for name, per in table.items():

@@ -168,24 +168,37 @@ class PixelSpace(FeatureSpace):
     scale changes, colour/stain jitter, JPEG and blur do not fool.
 
     A tile is area-pooled over ``cell``-px cells (``g = grid``; ``cell = tile_px / 2 / g``)
-    every ``cell / substeps`` px. Each *part* or *view* is a ``g x g``-cell window of that
-    map (half a tile per side), standardised per colour channel (so a per-channel gain and
-    offset, i.e. a stain or colour shift, cancels) and L2-normalised. There is no blur by
-    default (``blur_sigma = 0``): a blur would mix the tissue around a window into its edge
-    cells, so a quadrant copied next to *other* tissue would no longer match its reference,
-    while pure cell averaging keeps a window's value a function of its own pixels only.
+    every ``cell / substeps`` px (1 px by default). Each *part* or *view* is a ``g x g``-cell
+    window of that map (half a tile per side), standardised per colour channel (so a
+    per-channel gain and offset, i.e. a stain or colour shift, cancels) and L2-normalised.
+    There is no blur by default (``blur_sigma = 0``): a blur would mix the tissue around a
+    window into its edge cells, so a quadrant copied next to *other* tissue would no longer
+    match its reference, while pure cell averaging keeps a window's value a function of its
+    own pixels only.
 
-    - Reference (training) tiles: their 4 quadrants are 4 parts (``embed`` -> [N, 4·D]).
+    - Reference (training) tiles: ``layout x layout`` half-tile windows at offsets 0, T/4 and
+      T/2 on each axis (default 3x3 = 9 parts: the 4 quadrants, the 4 edge centres and the
+      centre; ``embed`` -> [N, 9·D]).
     - Queries: every window position (every ``cell / substeps`` px) of each of the 8
       dihedral transforms of the map, at each scale (``embed_views`` -> [N, n_views, D]).
 
     Why this catches a half-tile shift: if a training tile sits in the query moved by
     (dy, dx) with ``|dy|, |dx| <= tile_px / 2`` (the rest being any other tissue), one of its
-    quadrants lies wholly inside the query, at an offset that the window grid meets within
-    half a step; the cell averaging absorbs that residual. Scale changes: the query is also
-    viewed resized by each of ``scales`` (default 0.9, 1 and 1.1, for copies within ±10%).
-    For a dihedral copy, one of the 8 transforms of the query undoes it. The neighbour
-    search keeps the smallest distance over views and parts (``synthpath.audit.neighbours``).
+    quadrants lies wholly inside the query, at an offset that the 1-px window grid meets
+    within half a pixel (a 2-px grid, half a pixel more, lost up to 10% of random sub-pixel
+    shifts). A zoomed-in copy (scale 0.9) crops every quadrant but keeps the centre window;
+    the edge-centre windows cover a shift along one axis combined with a zoom. Scale changes:
+    the query is also viewed resized by each of ``scales`` (default 0.9, 1 and 1.1, for
+    copies within ±10%). For a dihedral copy, one of the 8 transforms of the query undoes it.
+
+    Search (:class:`synthpath.audit.neighbours.TwoStageIndex`, built by
+    ``synthpath.audit.filter.bank_index``): comparing all ~27k views with 9 parts of every
+    training tile would cost ~50 MFLOP per (query, training tile), so the search is coarse to
+    fine: the views every ``cell`` px, made coarse by :meth:`coarse` (2x2 cells pooled,
+    49-d), retrieve ``candidates`` training tiles; per candidate the best (view, part) pairs
+    by coarse distance are refined over the full 1-px grid around them, and the smallest fine
+    distance is the tile's distance. The audit's thresholds are calibrated on exactly these
+    distances.
 
     Windows with (almost) no texture (largest channel std below ``min_std`` in [-1, 1]
     units, e.g. blank glass) say nothing about copying: they are moved far away (an extra
@@ -194,11 +207,11 @@ class PixelSpace(FeatureSpace):
 
     name = "pixel"
     label = "pixels (blurred, pooled; dihedral, half-tile-shift tolerant)"
-    parts = 4
+    parts = 9
 
     def __init__(self, tile_px: int, *, grid: int = 8, blur_sigma: float | None = None, min_std: float = 0.03,
-                 substeps: int = 2, scales: tuple[float, ...] = (0.9, 1.0, 1.1), dihedral_views: bool = True, device=None,
-                 batch_size: int = 256):
+                 substeps: int = 4, scales: tuple[float, ...] = (0.9, 1.0, 1.1), dihedral_views: bool = True, device=None,
+                 batch_size: int = 256, layout: int = 3, candidates: int = 32):
         super().__init__(device, batch_size)
         if tile_px < 8:
             raise FeatureSpaceError(f"pixel space needs tiles of at least 8 px, got {tile_px}")
@@ -220,6 +233,15 @@ class PixelSpace(FeatureSpace):
             raise FeatureSpaceError(f"pixel space scales must be in 0.5..2, got {scales}")
         self.dihedral_views = bool(dihedral_views)
         self.transforms = _DIHEDRAL if self.dihedral_views else _DIHEDRAL[:1]
+        self.layout = int(layout)
+        last = self.grid * self.substeps
+        if self.layout < 2 or last % (self.layout - 1):
+            raise FeatureSpaceError(f"pixel space layout must be >= 2 and divide the window grid ({last}), got {layout}")
+        self.part_at = [i * last // (self.layout - 1) for i in range(self.layout)]
+        self.parts = self.layout * self.layout
+        self.candidates = int(candidates)
+        if self.candidates < 1:
+            raise FeatureSpaceError(f"pixel space candidates must be at least 1, got {candidates}")
         self.l2 = False  # each part is L2-normalised on its own in _embed
 
     @property
@@ -252,6 +274,58 @@ class PixelSpace(FeatureSpace):
     def shift_tolerance_px(self) -> int:
         """Largest shift (px, per axis) of a copied training tile this space is built to catch."""
         return self.tile_px // 2
+
+    # ---------------------------------------------------------------- coarse stage
+    @property
+    def has_coarse(self) -> bool:
+        """Whether the two-stage search can use a coarse version of this space (an even grid)."""
+        return self.grid % 2 == 0 and self.grid >= 4
+
+    @property
+    def coarse_dim(self) -> int:
+        return 3 * (self.grid // 2) ** 2 + 1
+
+    def coarse(self, v: Tensor) -> Tensor:
+        """Fine part/view vectors [..., 3g²+1] -> coarse ones [..., 3(g/2)²+1]: the same window
+        with 2x2 cells pooled into one, re-standardised per channel and L2-normalised; the
+        textureless marker (the last coordinate) is kept, so a blank window stays far away.
+        Pooling standardised cells equals standardising pooled cells up to a per-channel affine
+        map, so this is the coarse embedding of the same pixels."""
+        g, h = self.grid, self.grid // 2
+        lead = v.shape[:-1]
+        body = v[..., :-1].float().reshape(-1, 3, h, 2, h, 2).mean(dim=(3, 5))
+        mean = body.mean(dim=(-2, -1), keepdim=True)
+        std = body.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        z = l2_normalize(((body - mean) / std.clamp_min(1e-6)).flatten(1))
+        return torch.cat([z.reshape(*lead, 3 * h * h), v[..., -1:].float()], dim=-1)
+
+    def _grid_views(self):
+        """(search view indices, their neighbour table): the search views are the window
+        positions every ``cell`` px (``substeps`` grid positions) of every transform at every
+        scale; each one's neighbours are the positions within half that step (same transform
+        and scale), so the refinement reaches every position of the full grid."""
+        sub, nbr, start, r = [], [], 0, self.substeps
+        h = r // 2
+        offs = range(-h, r - h + (1 if r > 1 else 0))
+        for sc in self.scales:
+            p = self._positions_at(sc)
+            keep = [(i, j) for i in range(0, p, r) for j in range(0, p, r)]
+            near = [[min(max(i + a, 0), p - 1) * p + min(max(j + b, 0), p - 1) for a in offs for b in offs]
+                    for i, j in keep]
+            for _ in self.transforms:
+                sub += [start + i * p + j for i, j in keep]
+                nbr += [[start + v for v in row] for row in near]
+                start += p * p
+        return torch.tensor(sub, dtype=torch.long), torch.tensor(nbr, dtype=torch.long)
+
+    def search_views(self) -> Tensor:
+        """Indices of the query views the retrieval and verification stages compare."""
+        return self._grid_views()[0]
+
+    def view_neighbours(self) -> Tensor:
+        """[len(search_views), substeps²]: for each search view, the views of the full grid
+        that the refinement stage tries around it."""
+        return self._grid_views()[1]
 
     def _blur(self, x: Tensor) -> Tensor:
         if self._kernel is None:
@@ -312,12 +386,13 @@ class PixelSpace(FeatureSpace):
         return v
 
     def _embed(self, x: Tensor) -> Tensor:
-        quads = self._windows(self._map(x), [0, self.grid * self.substeps])  # the 4 quadrants [N,4,3,g,g]
+        quads = self._windows(self._map(x), self.part_at)  # the layout x layout parts [N,P,3,g,g]
         return self._normalise(quads, +1.0).flatten(1)
 
     @torch.no_grad()
     def embed_views(self, images: Any) -> Tensor:
-        """float32 [N, 8·(g·substeps+1)², 3g²+1]: every half-tile window of every dihedral transform."""
+        """float32 [N, n_views, 3g²+1]: every half-tile window (every ``cell / substeps`` px) of
+        every dihedral transform at every scale."""
         x = as_model_images(images)
         self._check(x)
         out = []
@@ -337,8 +412,14 @@ class PixelSpace(FeatureSpace):
         d.update(tile_px=self.tile_px, grid=self.grid, cell_px=self.cell, window_step_px=self.step, blur_sigma=round(self.blur_sigma, 4),
                  min_std=self.min_std, scales=list(self.scales), parts=self.parts, view_dim=self.view_dim, n_views=self.n_views,
                  l2_normalised="per part / per view", shift_tolerance_px=self.shift_tolerance_px,
-                 invariance="8 dihedral transforms (query views), shifts up to half a tile (quadrant parts x "
-                            "window grid), per-channel gain/offset (standardisation), blur/JPEG (blur + pooling)")
+                 layout=self.layout, part_offsets_px=[i * self.step for i in self.part_at], candidates=self.candidates,
+                 search_views=int(self.search_views().numel()), coarse_dim=self.coarse_dim if self.has_coarse else None,
+                 search="two-stage: coarse retrieval of `candidates` training tiles with the views every cell px "
+                        "(2x2-pooled cells), then the best (view, part) pairs per candidate refined on the full "
+                        "window grid; distance = smallest fine distance",
+                 invariance="8 dihedral transforms (query views), shifts up to half a tile (3x3 half-tile parts x "
+                            "1-px window grid), zoom +-10% (query scales; the centre part survives a zoom-in), "
+                            "per-channel gain/offset (standardisation), blur/JPEG (pooling)")
         return d
 
 

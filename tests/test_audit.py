@@ -9,7 +9,8 @@ import torch
 
 from synthpath.audit.filter import ReleaseFilter, ReleaseFilterError
 from synthpath.audit.mia import attack_metrics, plot_roc, roc_auc, roc_curve, tpr_at_fpr
-from synthpath.audit.neighbours import (closer_to_train_share, knn, knn_views, memorization)
+from synthpath.audit.filter import bank_index
+from synthpath.audit.neighbours import (TwoStageIndex, closer_to_train_share, knn, knn_views, memorization)
 from synthpath.features import (CheckpointSpace, EfficientNetSpace, FeatureSpaceError, PixelSpace,
                                 build_feature_space)
 
@@ -94,19 +95,28 @@ def test_pixel_space_views_catch_shift_and_dihedral():
 
     img, other = tissue_like(), tissue_like()
     sp = PixelSpace(64)
-    assert sp.parts == 4 and sp.shift_tolerance_px == 32 and sp.n_views == 8 * (14 ** 2 + 17 ** 2 + 20 ** 2)
+    assert sp.parts == 9 and sp.shift_tolerance_px == 32 and sp.n_views == 8 * (27 ** 2 + 33 ** 2 + 39 ** 2)
     base = sp.embed(img)
     assert base.shape == (1, sp.dim) and sp.embed_views(img).shape == (1, sp.n_views, sp.view_dim)
     big = tissue_like(128)[0]  # the tile sits in real-looking surroundings
     tile = big[32:96, 32:96][None]
     base = sp.embed(tile)
-    for dy, dx in ((2, -4), (-32, 0), (32, 32), (-30, 16), (-2, 2)):  # on the 2-px window grid: exact
+    two_stage = bank_index(torch.cat([base, sp.embed(other)]), "cpu", sp)  # the filter's coarse-to-fine search
+    sub, nbr = sp._grid_views()  # coarse retrieval of a single candidate out of two tiles
+    retrieve = TwoStageIndex(torch.cat([sp.embed(other), base]).half(), parts=sp.parts, coarse=sp.coarse,
+                             search_views=sub, neighbours=nbr, candidates=1, device="cpu")
+    assert retrieve.coarse is not None and two_stage.coarse is None
+    for dy, dx in ((2, -4), (-32, 0), (32, 32), (-30, 16), (-2, 2), (3, -1), (-31, 15)):  # on the 1-px grid: exact
         moved = big[32 + dy:96 + dy, 32 + dx:96 + dx][None]  # the tile shifted, new tissue filling the rest
-        d_shift = knn_views(sp.embed_views(moved), base, 1).dist[0, 0]
+        views = sp.embed_views(moved)
+        d_shift = knn_views(views, base, 1).dist[0, 0]
         assert d_shift < 1e-3, ((dy, dx), d_shift)
-    for dy, dx in ((3, -1), (-31, 15)):  # between grid positions: half a step off, still far nearer than other tissue
-        moved = big[32 + dy:96 + dy, 32 + dx:96 + dx][None]
-        assert knn_views(sp.embed_views(moved), base, 1).dist[0, 0] < 0.4
+        nb = two_stage.search(views, 2)
+        assert nb.index[0, 0] == 0 and nb.dist[0, 0] < 2e-3 < 0.5 < nb.dist[0, 1], ((dy, dx), nb)
+        nb = retrieve.search(views, 1)
+        assert nb.index[0, 0] == 1 and nb.dist[0, 0] < 2e-3, ((dy, dx), nb)
+    zoomed = np.asarray(Image.fromarray(big[35:93, 35:93]).resize((64, 64), Image.LANCZOS))[None]  # a 10% zoom-in
+    assert knn_views(sp.embed_views(zoomed), base, 1).dist[0, 0] < 0.15  # the centre part survives it
     for k in range(1, 4):
         turned = np.ascontiguousarray(np.rot90(tile, k, axes=(1, 2)))
         assert knn_views(sp.embed_views(turned), base, 1).dist[0, 0] < 1e-3

@@ -230,10 +230,17 @@ def test_planted_copies_under_transforms_are_caught(pixel_calibrated):
         x = torch.from_numpy(planted).permute(0, 3, 1, 2).float() / 127.5 - 1
         res = cal.filter.check(x, level)["pixel"]
         assert res["copy"].all(), f"{name}: missed {int((~res['copy']).sum())} of {len(pick)} (d1 {res['d1']})"
-    # held-out patients' real tiles: at most 2% flagged by the same rule (benchmarks/bench_copies.py
-    # also measures it out of sample, leaving one holdout patient out of the calibration)
+    # held-out patients' real tiles: at most 2% flagged by the same rule over the whole holdout
+    # (the rate the copy gate tests against; benchmarks/bench_copies.py also measures it out of
+    # sample, leaving one holdout patient out of the calibration)
+    from synthpath.audit.calibration import holdout_false_positive_rate
+
+    fpr = holdout_false_positive_rate(cal)
+    assert fpr["n"] >= 200 and fpr["rate"] <= 0.02, fpr
+    # at this level (43 holdout tiles) the 1% quantile lies between the two smallest distances, so
+    # the rule can flag at most the one tile that is smallest in both d1 and the calibrated distance
     th = cal.thresholds["pixel"][level]
     d1 = torch.cat(cal.holdout_d1[("pixel", level)])
     cl = torch.cat(cal.holdout_cal[("pixel", level)])
     assert d1.numel() >= 40
-    assert ((d1 <= th["d1"]) & (cl <= th["cal"])).float().mean() <= 0.02
+    assert int(((d1 <= th["d1"]) & (cl <= th["cal"])).sum()) <= 1

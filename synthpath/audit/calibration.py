@@ -18,8 +18,8 @@ import torch
 from synthpath.features import EfficientNetSpace, FeatureSpace, FeatureSpaceError, PixelSpace, resolve_device
 from synthpath.pipeline import StageError
 
-from .filter import FILTER_DIR, ReleaseFilter, bank_index
-from .neighbours import calibrated_l2, knn_views, quantile
+from .filter import FILTER_DIR, ReleaseFilter, bank_index, search_images
+from .neighbours import calibrated_l2, quantile
 from .stats import binomial_excess
 
 log = logging.getLogger("synthpath.audit")
@@ -30,14 +30,6 @@ def _decode(pngs: list[bytes]) -> np.ndarray:
     from synthpath.tiles.store import decode_png
 
     return np.stack([decode_png(b) for b in pngs])
-
-
-def _embed_pair(space: FeatureSpace, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference embedding [N,D], query views [N,V,D]); one pass for view-free spaces."""
-    if isinstance(space, PixelSpace):
-        return space.embed(images), space.embed_views(images)
-    e = space.embed(images)
-    return e, e.unsqueeze(1)
 
 
 def _finite(x: float) -> float | None:
@@ -148,7 +140,7 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
                 tr_feats[(s, int(k))].append(spaces[s].embed(imgs[sel]))
     train_features = {key: (torch.cat(v) if v else torch.zeros(0, spaces[key[0]].dim)) for key, v in tr_feats.items()}
     # the banks go to the device once; the holdout search and the release filter reuse them
-    indexes = {key: bank_index(f, dev) for key, f in train_features.items()}
+    indexes = {key: bank_index(f, dev, spaces[key[0]]) for key, f in train_features.items()}
 
     # 3. holdout: nearest training tiles (calibration) and reference features
     ho_base: dict[tuple[str, int], list[torch.Tensor]] = {(s, k): [] for s in names for k in range(n_levels)}
@@ -161,10 +153,9 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
             k = int(k)
             sel = np.flatnonzero(lv == k)
             for s in names:
-                base, views = _embed_pair(spaces[s], imgs[sel])
-                ho_base[(s, k)].append(base)
+                ho_base[(s, k)].append(spaces[s].embed(imgs[sel]))
                 if train_features[(s, k)].shape[0]:
-                    nb = knn_views(views, indexes[(s, k)], n, device=dev)
+                    nb = search_images(spaces[s], indexes[(s, k)], imgs[sel], n)
                     ho_d1[(s, k)].append(nb.dist[:, 0])
                     ho_cal[(s, k)].append(calibrated_l2(nb, n))
     cat = _cat
@@ -251,13 +242,12 @@ def noise_probe(space: FeatureSpace, train_features: dict, thresholds: dict, n: 
                 device, seed: int, n_probe: int = 64) -> dict:
     """How many pure-noise tiles the copy rule of ``space`` flags as copies, over all levels."""
     imgs = noise_tiles(n_probe, px, seed)
-    _, views = _embed_pair(space, imgs)
     flagged = 0
     for k in range(n_levels):
         bank = train_features[(space.name, k)] if (space.name, k) in train_features else None
         if bank is None or not bank.shape[0]:
             continue
-        nb = knn_views(views, bank, n, device=device)
+        nb = search_images(space, bank_index(bank, device, space), imgs, n)
         th = thresholds[k]
         flagged += int(((nb.dist[:, 0] <= th["d1"]) & (calibrated_l2(nb, n) <= th["cal"])).sum())
     return {"flagged": flagged, "n": n_probe * n_levels}

@@ -33,7 +33,7 @@ from synthpath.features import (CheckpointSpace, EfficientNetSpace, FeatureSpace
 
 from synthpath.atomic import write_json
 
-from .neighbours import NeighbourIndex, calibrated_l2, is_copy
+from .neighbours import NeighbourIndex, Neighbours, TwoStageIndex, calibrated_l2, is_copy, search_chunks
 
 FILTER_DIR = "filter"
 FILTER_JSON = "filter.json"
@@ -47,7 +47,8 @@ def space_spec(space: FeatureSpace) -> dict:
     """What :func:`build_space` needs to rebuild ``space`` in another process."""
     if isinstance(space, PixelSpace):
         return {"name": "pixel", "tile_px": space.tile_px, "grid": space.grid, "blur_sigma": space.blur_sigma,
-                "min_std": space.min_std, "substeps": space.substeps, "scales": list(space.scales), "dihedral_views": space.dihedral_views}
+                "min_std": space.min_std, "substeps": space.substeps, "scales": list(space.scales), "dihedral_views": space.dihedral_views,
+                "layout": space.layout, "candidates": space.candidates}
     if isinstance(space, EfficientNetSpace):
         return {"name": "efficientnet", "image_px": space.image_px, "l2": space.l2}
     if isinstance(space, CheckpointSpace):
@@ -81,11 +82,32 @@ def _feat_file(folder: Path, space: str, level: int) -> Path:
     return folder / f"train_{space}_L{level}.safetensors"
 
 
-def bank_index(features: Tensor, device=None) -> NeighbourIndex:
+def bank_index(features: Tensor, device=None, space: FeatureSpace | None = None) -> NeighbourIndex | TwoStageIndex:
     """The filter's search index over one space and level: the features as the filter stores
     them (float16), resident on ``device`` with their norms. The audit calibrates its
-    thresholds on these same indexes, so the filter reproduces the audit's distances."""
-    return NeighbourIndex(features.detach().to(torch.float16).cpu(), device=device)
+    thresholds on these same indexes, so the filter reproduces the audit's distances.
+
+    For the pixel space (thousands of query views per tile) it is a two-stage index: a coarse
+    retrieval of ``space.candidates`` training tiles, then the exact distance over every view
+    and part to those (:class:`~synthpath.audit.neighbours.TwoStageIndex`)."""
+    feats = features.detach().to(torch.float16).cpu()
+    if isinstance(space, PixelSpace):
+        sub, nbr = space._grid_views()
+        return TwoStageIndex(feats, parts=space.parts, coarse=space.coarse if space.has_coarse else (lambda v: v),
+                             search_views=sub, neighbours=nbr, candidates=space.candidates, device=device)
+    return NeighbourIndex(feats, device=device)
+
+
+def view_chunks(space: FeatureSpace, images, chunk: int = 16):
+    """The query views of ``images`` a few tiles at a time (the pixel space makes ~27k views
+    per tile, so a whole batch of them is never held at once)."""
+    for i in range(0, len(images), chunk):
+        yield space.embed_views(images[i:i + chunk])
+
+
+def search_images(space: FeatureSpace, index, images, k: int, chunk: int = 16) -> Neighbours:
+    """The ``k`` nearest training tiles of every image (its query views against ``index``)."""
+    return search_chunks(view_chunks(space, images, chunk), [index], k)[0]
 
 
 def _finite_number(v: Any) -> bool:
@@ -102,7 +124,8 @@ class ReleaseFilter:
 
     def __init__(self, spaces: dict[str, FeatureSpace], train_features: dict[tuple[str, int], Tensor],
                  thresholds: dict[str, dict[int, dict[str, float]]], *, n: int, levels: list[float],
-                 device=None, folder: Path | None = None, indexes: dict[tuple[str, int], NeighbourIndex] | None = None):
+                 device=None, folder: Path | None = None,
+                 indexes: dict[tuple[str, int], NeighbourIndex | TwoStageIndex] | None = None):
         self.spaces = spaces
         self.train_features = train_features
         self.thresholds = thresholds
@@ -123,7 +146,7 @@ class ReleaseFilter:
                     if not _finite_number(th.get(key)):
                         raise ReleaseFilterError(f"{where}: threshold {key!r} of space {name!r} at level {lv} is "
                                                  f"{th.get(key)!r}, not a finite number; re-run `synthpath audit`")
-        self._indexes: dict[tuple[str, int], NeighbourIndex] = dict(indexes or {})
+        self._indexes: dict[tuple[str, int], NeighbourIndex | TwoStageIndex] = dict(indexes or {})
         self.stats: dict[str, Any] = {"checked": 0, "flagged": 0, "flagged_by_space": {s: 0 for s in spaces},
                                       "by_level": {}}
 
@@ -133,11 +156,11 @@ class ReleaseFilter:
         built to catch (the pixel space's half tile); 0 if none declares one."""
         return max((int(getattr(sp, "shift_tolerance_px", 0) or 0) for sp in self.spaces.values()), default=0)
 
-    def index(self, space: str, level: int) -> NeighbourIndex:
+    def index(self, space: str, level: int) -> NeighbourIndex | TwoStageIndex:
         """The resident search index of one space and level (built on first use)."""
         key = (space, int(level))
         if key not in self._indexes:
-            self._indexes[key] = bank_index(self.train_features[key], self.device)
+            self._indexes[key] = bank_index(self.train_features[key], self.device, self.spaces[space])
         return self._indexes[key]
 
     # ------------------------------------------------------------------ persistence
@@ -145,7 +168,7 @@ class ReleaseFilter:
     def build(cls, audit_dir: Path | str, spaces: dict[str, FeatureSpace],
               train_features: dict[tuple[str, int], Tensor], thresholds: dict[str, dict[int, dict[str, float]]],
               *, n: int, levels: list[float], meta: dict | None = None, device=None,
-              indexes: dict[tuple[str, int], NeighbourIndex] | None = None) -> "ReleaseFilter":
+              indexes: dict[tuple[str, int], NeighbourIndex | TwoStageIndex] | None = None) -> "ReleaseFilter":
         """Write the filter's files into ``<audit_dir>/filter/`` (atomically, file by file)
         and return the filter. The learned encoder must already be saved there. ``indexes``
         (from :func:`bank_index` on the same features) are reused instead of re-uploaded."""
@@ -245,8 +268,7 @@ class ReleaseFilter:
                              "nn": torch.full((n_img,), -1, dtype=torch.long),
                              "copy": torch.zeros(n_img, dtype=torch.bool)}
                 continue
-            views = space.embed_views(images)
-            nb = self.index(name, level).search(views, self.n)
+            nb = search_images(space, self.index(name, level), images, self.n)
             d1, cal = nb.dist[:, 0], calibrated_l2(nb, self.n)
             try:
                 flags = is_copy(d1, cal, th["d1"], th["cal"])

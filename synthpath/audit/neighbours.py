@@ -16,10 +16,15 @@ order of the returned neighbours are float32-exact. On the CPU everything is flo
 
 Views and parts. A query may come as several *views* ``[Q, V, D]`` (the pixel space's
 shifted windows under the 8 dihedral transforms) and a bank row as several *parts*
-``[N, P·D]`` (the pixel space's four half-tile quadrants, concatenated). The distance from
+``[N, P·D]`` (the pixel space's nine half-tile windows, concatenated). The distance from
 a query to a bank tile is the smallest over its views and the tile's parts; each bank tile
 appears at most once in a query's neighbours, and indices are tile rows. ``parts`` is
 inferred as ``bank dim / query dim`` when not given.
+
+Two-stage search (:class:`TwoStageIndex`, the pixel space's index): with ~27k views per
+query, comparing every view with every part of every bank tile is too costly, so a coarse
+retrieval picks ``candidates`` tiles and a local refinement on the full view grid gives
+their distances (see the class).
 
 Metrics (same level only; the caller splits by level):
 - Carlini et al.'s calibrated ℓ2: d1 / mean(d1..dn) over the n nearest training tiles;
@@ -183,6 +188,105 @@ class NeighbourIndex:
         return out, torch.gather(cand, 1, pos)
 
 
+class TwoStageIndex:
+    """Coarse retrieval, then exact verification with local refinement, for a space whose
+    queries have many views on a regular grid (the pixel space).
+
+    1. Retrieval: a subset of the query's views (``search_views``: the grid every few px),
+       made coarse by ``coarse`` (fewer dims), against a coarse bank (``coarse`` of every
+       part) -> the ``candidates`` nearest tiles per query.
+    2. Selection: coarse distances of the same view subset to every part of each
+       candidate; per candidate and part the ``refine_top`` best views are kept.
+    3. Refinement: around each kept (view, part) pair, the views of the full grid nearby
+       (``neighbours[v]``: same transform and scale, positions within half a grid step)
+       against that part, in float32 at full dimension. A candidate's distance is the
+       smallest of these fine distances.
+
+    A query costs ``V_sub x P x (N + candidates)`` coarse dot products plus
+    ``P x refine_top x R x candidates`` fine ones, instead of ``V x P x N`` fine ones. With at most
+    ``candidates`` tiles in the bank, stage 2 runs on all of them. Same interface as
+    :class:`NeighbourIndex`; distances and neighbour order are float32-exact for the views
+    it compares.
+    """
+
+    def __init__(self, base, *, parts: int, coarse, search_views: Tensor, neighbours: Tensor, candidates: int = 32,
+                 refine_top: int = 4, device=None, precision: str = "auto"):
+        b = _as2d(base, "base")
+        if not b.is_floating_point() or parts < 1 or b.shape[1] % parts:
+            raise ValueError(f"base must be a float [N, parts*D] tensor with {parts} parts, got {b.dtype} {tuple(b.shape)}")
+        self.device = _device(device)
+        self.exact = b.to(self.device)  # the bank as stored (fp16), for the fine distances
+        self.n, self.parts, self.dim = int(b.shape[0]), int(parts), int(b.shape[1]) // int(parts)
+        self.candidates = int(candidates)
+        self.refine_top = int(refine_top)
+        self._coarse_fn = coarse
+        self._sub = search_views.to(self.device, torch.long)
+        self._nbr = neighbours.to(self.device, torch.long)
+        if self._nbr.shape[0] != self._sub.shape[0]:
+            raise ValueError(f"neighbours has {self._nbr.shape[0]} rows for {self._sub.shape[0]} search views")
+        cb = coarse(self.exact.float().reshape(self.n, parts, self.dim)) if self.n else \
+            torch.zeros(0, parts, 1, device=self.device)
+        self._cbank = cb.contiguous()  # [N, P, Dc] float32
+        self.coarse: NeighbourIndex | None = None
+        if self.n > self.candidates:
+            self.coarse = NeighbourIndex(cb.reshape(self.n, -1), parts=parts, device=self.device, precision=precision)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _verify_refine(self, q: Tensor, cq: Tensor, cand: Tensor) -> Tensor:
+        """Squared fine distances [b, c] of queries (all views q [b, V, D], coarse search views
+        cq [b, Vs, Dc]) to candidate tiles cand [b, c]: per candidate and part the
+        ``refine_top`` best search views by coarse distance, each refined over its
+        neighbouring views."""
+        b, c = cand.shape
+        P, D = self.parts, self.dim
+        crows = self._cbank[cand.clamp_min(0)].reshape(b, c * P, -1)
+        d2 = (cq.pow(2).sum(-1, keepdim=True) + crows.pow(2).sum(-1).unsqueeze(1)
+              - 2.0 * torch.bmm(cq, crows.transpose(1, 2)))  # [b, Vs, c*P]
+        vs = cq.shape[1]
+        d2 = d2.view(b, vs, c, P).permute(0, 2, 3, 1)  # [b, c, P, Vs]
+        r = min(self.refine_top, vs)
+        v_sub = torch.topk(d2, r, dim=3, largest=False).indices.reshape(b, c, P * r)  # best views of every part
+        part = torch.arange(P, device=cand.device).repeat_interleave(r).expand(b, c, P * r)
+        r = P * r
+        nbr = self._nbr[v_sub]  # [b, c, r, R] view indices into q
+        R = nbr.shape[-1]
+        views = torch.gather(q, 1, nbr.reshape(b, -1, 1).expand(-1, -1, D)).view(b, c, r, R, D)
+        rows = self.exact[cand.clamp_min(0)].float().view(b, c, P, D)
+        ref = torch.gather(rows, 2, part.unsqueeze(-1).expand(-1, -1, -1, D))  # [b, c, r, D]
+        fine = (views - ref.unsqueeze(3)).pow(2).sum(-1).amin(dim=(2, 3))
+        return fine.masked_fill(cand < 0, float("inf"))
+
+    def search(self, queries, k: int, *, query_chunk: int | None = None) -> Neighbours:
+        qv = _as_views(queries)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        nq, _, d = qv.shape
+        if d != self.dim:
+            raise ValueError(f"query dim {d} != base dim {self.dim}")
+        out_d = torch.full((nq, k), float("inf"))
+        out_i = torch.full((nq, k), -1, dtype=torch.long)
+        if nq == 0 or self.n == 0:
+            return Neighbours(out_d, out_i)
+        c = min(self.n, max(self.candidates, k))
+        step = max(1, query_chunk or 16)
+        for s in range(0, nq, step):
+            q = qv[s:s + step].to(self.device, torch.float32)
+            cq = self._coarse_fn(q[:, self._sub])
+            if self.coarse is None:
+                cand = torch.arange(self.n, device=self.device).expand(q.shape[0], self.n).contiguous()
+            else:
+                cand = self.coarse.search(cq, c).index.to(self.device)
+            d2 = self._verify_refine(q, cq, cand)
+            d2, pos = torch.sort(d2, dim=1)
+            idx = torch.gather(cand, 1, pos)
+            m = min(k, c)
+            out_d[s:s + q.shape[0], :m] = d2[:, :m].clamp_min(0).sqrt().cpu()
+            out_i[s:s + q.shape[0], :m] = idx[:, :m].cpu()
+        return Neighbours(out_d, out_i)
+
+
 def knn(query, base, k: int, *, device=None, query_chunk: int | None = None, base_chunk: int | None = None,
         fast: bool = False, rerank_extra: int = 8, precision: str | None = None) -> Neighbours:
     """Exact k nearest base rows for every query row (Euclidean); a one-off
@@ -198,7 +302,7 @@ def knn_views(query_views, base, k: int, *, device=None, query_chunk: int | None
     bank tile the smallest distance over the views (and its parts) counts, and each tile
     appears at most once. ``base`` is a :class:`NeighbourIndex` (reused, nothing uploaded)
     or a tensor [N, P·D] (a one-off index). ``base_chunk`` caps the tiles per block."""
-    if isinstance(base, NeighbourIndex):
+    if isinstance(base, (NeighbourIndex, TwoStageIndex)):
         return base.search(query_views, k, query_chunk=query_chunk)
     prec = precision or ("bf16" if fast and _device(device).type == "cuda" else "fp32")
     block = None
@@ -230,23 +334,44 @@ def quantile(x: Tensor | np.ndarray, q: float) -> float:
     return float(np.quantile(a, q))
 
 
-def closer_to_train_share(syn_views, train, holdout, *, seed: int = 0, repeats: int = 5, device=None) -> dict:
+def search_chunks(view_chunks, indexes: list, k: int) -> list[Neighbours]:
+    """Search every index with queries that come in chunks (an iterable of [q, V, D] views,
+    e.g. embedded a few tiles at a time, so thousands of views per tile never sit in memory
+    for a whole batch); one pass over the chunks, results concatenated per index."""
+    parts: list[list[Neighbours]] = [[] for _ in indexes]
+    for views in view_chunks:
+        for out, idx in zip(parts, indexes):
+            out.append(idx.search(views, k))
+    return [Neighbours(torch.cat([p.dist for p in ps]) if ps else torch.zeros(0, k),
+                       torch.cat([p.index for p in ps]) if ps else torch.zeros(0, k, dtype=torch.long))
+            for ps in parts]
+
+
+def closer_to_train_share(syn_views, train, holdout, *, seed: int = 0, repeats: int = 5, device=None,
+                          make_index=None) -> dict:
     """Share of synthetic tiles whose nearest training tile is closer than their nearest
     holdout tile, with the training set subsampled to the holdout's size (``repeats``
-    draws, averaged) so that 0.5 is what a model that generalises perfectly scores."""
+    draws, averaged) so that 0.5 is what a model that generalises perfectly scores.
+
+    ``syn_views``: the synthetic tiles' query views [Q, V, D], or an iterable of such chunks.
+    ``make_index``: builds the search index over a reference tensor (default an exact
+    :class:`NeighbourIndex`; the pixel space passes its two-stage index)."""
     tr = _as2d(train, "train")
     ho = _as2d(holdout, "holdout")
     n = min(tr.shape[0], ho.shape[0])
-    if n == 0 or len(syn_views) == 0:
+    chunks = [syn_views] if isinstance(syn_views, Tensor) else syn_views
+    if n == 0 or (isinstance(syn_views, Tensor) and len(syn_views) == 0):
         return {"share": float("nan"), "n_reference": int(n), "repeats": 0}
-    d_ho = knn_views(syn_views, ho, 1, device=device).dist[:, 0]
+    build = make_index or (lambda t: NeighbourIndex(t, device=device))
     gen = torch.Generator().manual_seed(seed)
-    shares = []
-    for _ in range(repeats if tr.shape[0] > n else 1):
-        sub = torch.randperm(tr.shape[0], generator=gen)[:n]
-        d_tr = knn_views(syn_views, tr[sub], 1, device=device).dist[:, 0]
-        # ties (e.g. both exactly 0) count half
-        shares.append(float(((d_tr < d_ho).float() + 0.5 * (d_tr == d_ho).float()).mean()))
+    draws = repeats if tr.shape[0] > n else 1
+    subs = [torch.randperm(tr.shape[0], generator=gen)[:n] for _ in range(draws)]
+    res = search_chunks(chunks, [build(ho)] + [build(tr[sub]) for sub in subs], 1)
+    d_ho = res[0].dist[:, 0]
+    if d_ho.numel() == 0:
+        return {"share": float("nan"), "n_reference": int(n), "repeats": 0}
+    # ties (e.g. both exactly 0) count half
+    shares = [float(((r.dist[:, 0] < d_ho).float() + 0.5 * (r.dist[:, 0] == d_ho).float()).mean()) for r in res[1:]]
     return {"share": float(np.mean(shares)), "n_reference": int(n), "repeats": len(shares)}
 
 

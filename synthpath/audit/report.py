@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from synthpath.features import PixelSpace, resolve_device
+from synthpath.features import resolve_device
 from synthpath.pipeline import ReleaseBlocked, StageContext, StageError
 
 from .calibration import Calibration, _cat, _finite, calibrate, holdout_false_positive_rate
-from .filter import FILTER_DIR
+from .filter import FILTER_DIR, bank_index, view_chunks
 from .neighbours import closer_to_train_share
 from .render import PATIENT_NOTICE, _fmt, write_contact_sheet, write_patient_notice, write_report
 from .sampling import draw_synthetic, mia_batches
@@ -127,9 +127,9 @@ def run_audit(store, model, recipe, work: Path | str, *, device=None, binding: d
             hd1 = cat(ho_d1[(s, k)])
             hb = cat(ho_base[(s, k)])
             if train_features[(s, k)].shape[0] and hb.shape[0]:
-                closer = closer_to_train_share(spaces[s].embed_views(imgs) if isinstance(spaces[s], PixelSpace)
-                                               else spaces[s].embed(imgs).unsqueeze(1),
-                                               train_features[(s, k)], hb, seed=seed, device=dev)
+                sp = spaces[s]
+                closer = closer_to_train_share(view_chunks(sp, imgs), train_features[(s, k)], hb, seed=seed,
+                                               device=dev, make_index=lambda t, sp=sp: bank_index(t, dev, sp))
                 closer_by_space[s].append((closer["share"], len(imgs)))
             else:
                 closer = {"share": None, "n_reference": 0, "repeats": 0}
