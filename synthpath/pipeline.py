@@ -133,8 +133,9 @@ def fingerprint(recipe: Recipe, stage: Stage) -> tuple[str, dict[str, str]]:
             )
         input_hashes[up] = manifest_hash(m)
     core = {"stage": stage.name, "sections": recipe.section_hash(*stage.sections), "inputs": input_hashes}
-    if stage.external is not None:
-        core["external"] = stage.external(recipe)
+    external = stage.external(recipe) if stage.external is not None else None
+    if external:  # only when there is one, so that other runs keep their fingerprints
+        core["external"] = external
     blob = json.dumps(core, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16], input_hashes
 
