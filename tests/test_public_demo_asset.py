@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from synthpath.atomic import sha256_file
+from synthpath.export.card import Numbers
+from synthpath.export.coverage import coverage_section
 from synthpath.models import build_model
 from synthpath.pipeline import StageError, fingerprint, get_stage
 from synthpath.recipe import load_recipe, parse_recipe
@@ -48,6 +50,16 @@ def test_the_shipped_public_checkpoint_loads_via_pkg_and_its_hashes_match():
     assert prov["path"] == "pkg://synthpath/assets/demo_public"
     assert prov["weights_sha256"] == weights_sha and prov["data_public"] is True
     assert prov["manifest"]["data"]["slides"][0]["train_cases"] == slide["train_cases"]
+
+    # the card says which regions are public, that epsilon covers the private data only, and
+    # shows the pkg:// form, never this machine's absolute path
+    led = {"enabled": True, "epsilon": 7.9, "delta": 0.007, "unit": "patient", "delta_rule": "1/(10 n)",
+           "init_from": prov}
+    text = coverage_section(Numbers(), recipe=r, ledger=led, audit={"passed": True}, gen={}, evaluated=False)
+    assert "`pkg://synthpath/assets/demo_public`" in text and str(ASSET) not in text
+    assert "ε covers the private fine-tuning data only" in text
+    assert "regions `demo_public_regions.geojson`" in text and slide["train_cases"][0] in text
+    assert weights_sha in text
 
 
 def test_public_and_private_demo_regions_are_disjoint_small_cases():
