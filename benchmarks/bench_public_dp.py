@@ -83,8 +83,8 @@ def table(work: Path, rows: list[str]) -> str:
     trainable = load_recipe(RECIPE, ["output_dir=/tmp/unused"], check_files=False).privacy.trainable
     trainable = "+".join(trainable) if isinstance(trainable, list) else trainable
     lines = ["| row | ε | FID 20x (EfficientNet-Lite0) | TSTR bal. acc. 20x [95% CI] | TRTR bal. acc. 20x | "
-             "MIA AUC [95% CI] | MIA TPR@1%FPR | audit | CPU s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "MIA AUC [95% CI] | MIA TPR@1%FPR [95% CI] | audit |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in rows:
         out = work / name
         label = ROWS[name][0].format(trainable=trainable)
@@ -94,20 +94,18 @@ def table(work: Path, rows: list[str]) -> str:
             led = json.loads((out / "train" / "ledger.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             lines.append(f"| {label} | not run ({type(e).__name__}: {Path(getattr(e, 'filename', '') or '').name}) "
-                         "| | | | | | | |")
+                         "| | | | | | |")
             continue
         h = ev["headline"]["20x"]
         mia = audit["mia"]
         tpr = mia["tpr_at_fpr"]["0.01"]["tpr"]
         tpr_ci = mia["intervals"]["tpr_at_fpr"]["0.01"]
         eps = f"{led['epsilon']:.2f}" if led.get("enabled") else "none (no DP)"
-        cpu = json.loads((out / "bench_cpu_seconds.json").read_text())["cpu_seconds"] \
-            if (out / "bench_cpu_seconds.json").is_file() else "n/a"
         lines.append(
             f"| {label} | {eps} | {h['fid']:.1f} | {h['tstr_balanced_accuracy']:.3f} "
             f"{_fmt_ci(h.get('tstr_balanced_accuracy_ci95'))} | {h['trtr_balanced_accuracy']:.3f} | "
             f"{mia['auc']:.3f} {_fmt_ci(mia['intervals']['auc'])} | {tpr:.3f} {_fmt_ci(tpr_ci)} | "
-            f"{'passed' if audit.get('passed') else 'FAILED'} | {cpu} |")
+            f"{'passed' if audit.get('passed') else 'FAILED'} |")
     return "\n".join(lines)
 
 
