@@ -73,6 +73,10 @@ class Stage:
     # called even when the stage's output is up to date: returns True to re-run it anyway,
     # or raises to refuse (the release gate of generate and export, a failed audit)
     precheck: Callable[[Recipe, dict], bool] | None = None
+    # inputs from outside the run folder that the stage reads (e.g. train.init_from's weights):
+    # returns a dict of their content hashes, part of the fingerprint, so that new contents at
+    # the same path re-run the stage
+    external: Callable[[Recipe], dict] | None = None
 
 
 ORDER = ("ingest", "train", "audit", "generate", "export", "evaluate")
@@ -128,10 +132,11 @@ def fingerprint(recipe: Recipe, stage: Stage) -> tuple[str, dict[str, str]]:
                 f"run `synthpath {up}` (or `synthpath build`) first"
             )
         input_hashes[up] = manifest_hash(m)
-    blob = json.dumps(
-        {"stage": stage.name, "sections": recipe.section_hash(*stage.sections), "inputs": input_hashes},
-        sort_keys=True,
-    )
+    core = {"stage": stage.name, "sections": recipe.section_hash(*stage.sections), "inputs": input_hashes}
+    external = stage.external(recipe) if stage.external is not None else None
+    if external:  # only when there is one, so that other runs keep their fingerprints
+        core["external"] = external
+    blob = json.dumps(core, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16], input_hashes
 
 

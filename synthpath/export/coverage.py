@@ -64,6 +64,22 @@ def _init_row(num: Callable, init: dict) -> str:
     return f"{how}; {who}"
 
 
+def _declared_data(init: dict, dp: bool) -> str:
+    """Which data the public checkpoint was trained on, from its provenance manifest."""
+    data = (init.get("manifest") or {}).get("data") or {}
+    slides = data.get("slides") or []
+    if not slides:
+        return ""
+    parts = []
+    for s in slides:
+        cases = s.get("train_cases") or []
+        parts.append(f"slide `{s.get('slide_id')}` (`{s.get('path')}`), regions `{s.get('geojson')}`"
+                     + (f", cases {', '.join(cases)}" if cases else ""))
+    return ("The public checkpoint's training data, declared public by its recipe `"
+            f"{(init.get('manifest') or {}).get('recipe_file') or init.get('recipe_name')}`: " + "; ".join(parts)
+            + "." + (" This run's own (private) regions, the recipe's `data` section, are what ε covers." if dp else ""))
+
+
 def _evaluate_row(recipe, evaluated: bool) -> str:
     if not recipe.evaluate.enabled:
         return "nothing: `evaluate.enabled` is false"
@@ -100,6 +116,9 @@ def coverage_section(num: Callable, *, recipe, ledger: dict | None, audit: dict,
         lines += ["", f"Training started from the public checkpoint `{init.get('path')}` (`train.init_from`)."
                       + (" **ε covers the private fine-tuning data only**: not the data the initial checkpoint was "
                          "trained on, which reached these weights before DP-SGD started." if dp else "")]
+        declared = _declared_data(init, dp)
+        if declared:
+            lines += ["", declared]
     audit_verdict = "passed" if audit.get("passed") else "FAILED"
     lines += ["", "| what reached the release | how it is covered |", "|---|---|",
               f"| model weights (every synthetic tile is sampled from them) | {_weights_row(num, ledger)} |",

@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from ..atomic import sha256_file
 from ..models.checkpoint import CONFIG_FILE, EMA_FILE
 from ..pipeline import StageError
+from .public_init_files import display_path, read_provenance
 
 log = logging.getLogger("synthpath.train")
 
@@ -128,10 +129,22 @@ def _adapt_labels(state: dict, model: torch.nn.Module, old_classes: list, new_cl
 
 
 def init_model(path: Path | str, model: torch.nn.Module, *, classes: list, levels: list, tile_px: int,
-               dp: bool) -> dict:
+               dp: bool, relative_to: Path | str | None = None) -> dict:
     """Load the checkpoint at ``path`` into ``model`` (a plain SynthUNet, before adapters and
-    Opacus); returns its provenance for the ledger, the checkpoint and the card."""
+    Opacus); returns its provenance for the ledger, the checkpoint and the card. The path is
+    recorded as :func:`display_path` shows it (``pkg://...`` or relative to ``relative_to``),
+    never as an absolute path of this machine."""
     weights, config = locate(path)
+    shown = display_path(path, relative_to)
+    digest = sha256_file(weights)
+    try:
+        manifest = read_provenance(weights)
+    except ValueError as e:
+        raise StageError(f"{KEY}: {e}") from None
+    if manifest is not None and manifest["weights_sha256"] != digest:
+        raise StageError(f"{KEY}: the weights {shown} (sha256 {digest[:12]}...) are not the ones its provenance.json "
+                         f"records (sha256 {manifest['weights_sha256'][:12]}...); the checkpoint was changed after "
+                         f"it was exported, so its provenance no longer describes it")
     cfg = read_checkpoint_config(config)
     problems = _model_mismatches(cfg["model"], model.config)
     if "tile_px" in cfg and int(cfg["tile_px"]) != int(tile_px):
@@ -174,9 +187,9 @@ def init_model(path: Path | str, model: torch.nn.Module, *, classes: list, level
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     priv = cfg.get("privacy") or {}
     prov = {
-        "path": str(Path(path)),
+        "path": shown,
         "weights_file": weights.name,
-        "weights_sha256": sha256_file(weights),
+        "weights_sha256": digest,
         "recipe_name": cfg.get("recipe_name"),
         "recipe_hash": cfg.get("recipe_hash"),
         "recipe_full_hash": cfg.get("recipe_full_hash"),
@@ -188,7 +201,9 @@ def init_model(path: Path | str, model: torch.nn.Module, *, classes: list, level
         "accepted_because": _accepted_because(cfg, why),
         "init_from": cfg.get("init_from"),
     }
-    log.info("%s: started from %s (recipe %s, weights sha256 %s..., data %s)", KEY, weights,
+    if manifest is not None:  # a shipped checkpoint: its recipe file, command and data declaration
+        prov["manifest"] = {k: manifest.get(k) for k in ("recipe_file", "recipe_file_sha256", "command", "data")}
+    log.info("%s: started from %s (recipe %s, weights sha256 %s..., data %s)", KEY, shown,
              prov["recipe_name"], prov["weights_sha256"][:12], "declared public" if prov["data_public"] else
              "not declared public")
     return prov

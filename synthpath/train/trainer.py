@@ -252,7 +252,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     init_prov = None
     if tcfg.init_from is not None:  # before adapters and before Opacus wraps the model
         init_prov = PI.init_model(tcfg.init_from, model, classes=classes, levels=levels, tile_px=tile_px,
-                                  dp=pcfg.enabled)
+                                  dp=pcfg.enabled, relative_to=recipe.output_dir)
     trainable = A.apply_trainable(model, pcfg.trainable, pcfg.lora_rank)
     model.train()
     ema = copy.deepcopy(model).eval()
