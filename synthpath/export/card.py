@@ -309,10 +309,11 @@ def _chance_warning(num: Numbers, report: dict | None, src: str, classes: list[s
     with one seed, the value is at or below it)."""
     head = (report or {}).get("headline") or {}
     chance = 1.0 / max(len(classes), 1)
-    hits = []
+    hits, levels = [], 0
     for lv, h in head.items():
         if not isinstance(h, dict) or not isinstance(h.get("tstr_balanced_accuracy"), (int, float)):
             continue
+        levels += 1
         ci = h.get("tstr_balanced_accuracy_ci95")
         low = ci[0] if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] is not None else h["tstr_balanced_accuracy"]
         if low <= chance + 1e-9:
@@ -320,6 +321,12 @@ def _chance_warning(num: Numbers, report: dict | None, src: str, classes: list[s
     if not hits:
         return []
     n = num(len(classes), "recipe", ["data", "classes", "#len"])
+    if len(hits) < levels:  # some magnifications do better than chance: name only the others
+        return [f"- **At {', '.join(h.split(' ')[0] for h in hits)}, a classifier trained on this synthetic data does no "
+                "better than chance on real held-out patients** "
+                f"(TSTR balanced accuracy {', '.join(hits)}; chance is one in {n} classes, and the confidence interval "
+                "reaches it); at the other magnifications its interval lies above chance (see Evaluation). Do not "
+                "train or benchmark models on the listed magnifications of this release."]
     return [f"- **A classifier trained on this synthetic data does no better than chance on real held-out patients** "
             f"(TSTR balanced accuracy {', '.join(hits)}; chance is one in {n} classes, and the confidence interval reaches "
             "it). The model did not learn what tells the classes apart, at this privacy budget and training "
