@@ -154,3 +154,38 @@ def bind_test_audit(recipe, dirs: dict, options: dict | None = None) -> dict:
         (Path(dirs["generate"]) / GENERATE_BINDING).write_text(_json.dumps(
             {"audit_digest": file_digest(Path(dirs["audit"]) / "report.json"), "binding": binding}))
     return binding
+
+
+RELEASE_REGIONS = Path(__file__).resolve().parent / "data" / "demo_regions_5cases.geojson"
+"""demo_regions.geojson cut to its first 5 cases (patients): 181 tiles instead of 505, so the
+audit's neighbour searches and the release filter of a test release cost a fraction."""
+
+
+def release_recipe_dict(output_dir: Path) -> dict:
+    """The tiny recipe of a test release on the real slide (5 of its 9 cases), built through
+    every stage to a TIFF + WebDataset + Hugging Face release. The audit limits are ones the
+    tiny model passes for sure, and its membership attack scores 2 timesteps with 1 noise draw:
+    the release tests are about what is released and when, not about the verdict."""
+    raw = tiny_recipe_dict(output_dir)
+    raw["data"]["slides"][0]["geojson"] = str(RELEASE_REGIONS)
+    raw["audit"].update({"mia_max_tiles": 24, "max_closer_to_train": 1.0, "max_mia_auc": 1.0, "max_mia_tpr": 1.0,
+                         "device": "cpu", "mia_timesteps": [0.3, 0.5], "mia_noise_draws": 1})
+    raw["generate"]["n_slides"] = 2
+    raw["export"]["slides"] = True
+    raw["generate"]["mode"] = "slides"  # the TIFF holds whole slides
+    raw["evaluate"]["enabled"] = False
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> Path:
+    """A folder with ``recipe.yaml`` (:func:`release_recipe_dict`) and its ``run/`` released by
+    ``synthpath build`` once per session. Read it only; copy ``run/`` to change anything."""
+    import yaml
+
+    from synthpath.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_release")
+    (root / "recipe.yaml").write_text(yaml.safe_dump(release_recipe_dict(root / "run")))
+    assert main(["build", str(root / "recipe.yaml")]) == 0
+    return root

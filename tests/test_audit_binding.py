@@ -2,8 +2,8 @@
 found by an attacker, through the command line (``synthpath.cli.main``, the code the
 ``synthpath`` script runs).
 
-A tiny pipeline on the real demo slide is built once (ingest, train, a passing audit,
-generate with TIFF slides, export); each test works on its own copy. After each refused
+A tiny pipeline on the real demo slide is built once per session (conftest's ``tiny_release``:
+ingest, train, a passing audit, generate with TIFF slides, export); each test works on its own copy. After each refused
 command the release files (``generate/shards``, ``generate/slides``, ``export/hf``) are
 byte-for-byte what they were, and no stage folder holds new release files. ``build``
 re-audits first and then releases.
@@ -23,19 +23,14 @@ import yaml
 from synthpath.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_recipe_dict  # noqa: E402
+from conftest import release_recipe_dict  # noqa: E402
 
 BLOCKED = 3
 
 
 def _write_recipe(out: Path) -> Path:
-    raw = tiny_recipe_dict(out / "run")
-    # the verdict is not what these tests are about: limits the tiny model passes for sure
-    raw["audit"].update({"mia_max_tiles": 24, "max_closer_to_train": 1.0, "max_mia_auc": 1.0, "max_mia_tpr": 1.0,
-                         "device": "cpu"})
-    raw["export"]["slides"] = True
-    raw["generate"]["mode"] = "slides"  # the TIFF holds whole slides
-    raw["evaluate"]["enabled"] = False
+    # the verdict is not what these tests are about: the audit limits are ones the tiny model passes for sure
+    raw = release_recipe_dict(out / "run")
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -45,10 +40,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bound")
-    assert main(["build", str(_write_recipe(root))]) == 0
-    return root
+def released(tiny_release) -> Path:
+    """The session's released run (built by ``synthpath build``); tests copy it."""
+    return tiny_release
 
 
 @pytest.fixture

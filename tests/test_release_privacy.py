@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -23,15 +22,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
-import yaml
 from PIL import Image
 
-from synthpath.cli import main
 from synthpath.export.release import RELEASE_MANIFEST, release_files
 from synthpath.tiles.store import TileStore
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_recipe_dict  # noqa: E402
 
 KEY = 8  # side of the corner patch that indexes a tile
 
@@ -112,18 +107,10 @@ def released_images(out: Path) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release")
-    raw = tiny_recipe_dict(root / "run")
-    raw["audit"].update({"mia_max_tiles": 24, "max_closer_to_train": 1.0, "max_mia_auc": 1.0, "max_mia_tpr": 1.0,
-                         "device": "cpu"})
-    raw["generate"]["n_slides"] = 2
-    raw["export"]["slides"] = True
-    raw["generate"]["mode"] = "slides"  # the TIFF holds whole slides
-    raw["evaluate"]["enabled"] = False
-    (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["build", str(root / "recipe.yaml")]) == 0
-    return root / "run"
+def release(tiny_release) -> Path:
+    """The session's small release on the real demo slide (conftest's ``tiny_release``: 2 TIFF
+    slides, shards, Parquet, card), built through ``synthpath build``; only read here."""
+    return tiny_release / "run"
 
 
 @pytest.mark.slow
