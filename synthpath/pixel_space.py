@@ -248,17 +248,21 @@ class PixelSpace(FeatureSpace):
 
     def _normalise(self, w: Tensor, sign: float) -> Tensor:
         """Windows [..., 3, g, g] -> vectors [..., 3g²+1]: per-channel standardised, L2-normalised;
-        textureless windows become the far point ``sign * 3`` on the extra axis."""
-        mean = w.mean(dim=(-2, -1), keepdim=True)
-        std = w.std(dim=(-2, -1), keepdim=True, unbiased=False)
-        v = ((w - mean) / std.clamp_min(self.min_std / 4)).flatten(-3)
-        v = l2_normalize(v)
-        flat = std.flatten(-3).amax(-1) < self.min_std
-        extra = torch.zeros(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
-        v = torch.cat([v, extra], dim=-1)
-        far = torch.zeros(v.shape[-1], dtype=v.dtype, device=v.device)
-        far[-1] = 3.0 * sign
-        return torch.where(flat.unsqueeze(-1), far, v)  # no host sync
+        textureless windows become the far point ``sign * 3`` on the extra axis. The L2 norm
+        comes from the channel variances (sum of g²·var/s² over channels) and the result is
+        written in one pass (no host sync); equal to standardising, then normalising, up to
+        float rounding."""
+        lead, cells = w.shape[:-3], w.shape[-2] * w.shape[-1]
+        x = w.reshape(-1, w.shape[-3], cells)
+        c = x - x.mean(dim=-1, keepdim=True)
+        var = c.square().mean(dim=-1, keepdim=True)  # [M, 3, 1]
+        std = var.sqrt()
+        s2 = std.clamp_min(self.min_std / 4).square()
+        norm = (var / s2).sum(dim=1, keepdim=True).mul(cells).sqrt().clamp_min(1e-8)  # [M, 1, 1]
+        flat = std.amax(dim=(1, 2)) < self.min_std  # [M]
+        scale = torch.where(flat[:, None, None], torch.zeros_like(norm), 1.0 / (s2.sqrt() * norm))
+        extra = torch.where(flat, 3.0 * sign, 0.0).to(c.dtype).unsqueeze(-1)
+        return torch.cat([(c * scale).flatten(1), extra], dim=-1).reshape(*lead, -1)
 
     def _embed(self, x: Tensor) -> Tensor:
         quads = self._windows(self._map(x), self.part_at)  # the layout x layout parts [N,P,3,g,g]
@@ -283,22 +287,20 @@ class PixelSpace(FeatureSpace):
         return torch.cat(out)
 
     # ---------------------------------------------------------------- lazy query views
-    def _view_table(self) -> tuple[Tensor, Tensor, int]:
-        """(first element of every view in the flattened maps [n_views], element offsets of a
-        window [g²], padded map side): view ``v`` is ``maps[:, offset[v] + window]``, in the
+    def _view_table(self) -> tuple[Tensor, int]:
+        """([n_views, 3] (map, row, column) of every view's first cell, padded map side), in the
         order of :meth:`embed_views` (scale, then transform, then row-major position)."""
         if getattr(self, "_table", None) is None:
             g, r = self.grid, self.substeps
             side = max(self._positions_at(sc) + (g - 1) * r for sc in self.scales)  # largest map side
-            first, k = [], 0
+            rows, k = [], 0
             for sc in self.scales:
                 p = self._positions_at(sc)
-                pos = (torch.arange(p).unsqueeze(1) * side + torch.arange(p)).flatten()
+                i, j = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
                 for _ in self.transforms:
-                    first.append(k * side * side + pos)
+                    rows.append(torch.stack([torch.full((p * p,), k), i.flatten(), j.flatten()], 1))
                     k += 1
-            window = (torch.arange(g).unsqueeze(1) * r * side + torch.arange(g) * r).flatten()
-            self._table = (torch.cat(first), window, side)
+            self._table = (torch.cat(rows), side)
         return self._table
 
     @torch.no_grad()
@@ -308,7 +310,7 @@ class PixelSpace(FeatureSpace):
         when :meth:`PixelQueries.take` asks for it. Same vectors as :meth:`embed_views`."""
         x = as_model_images(images)
         self._check(x)
-        first, window, side = self._view_table()
+        table, side = self._view_table()
         out = []
         for i in range(0, x.shape[0], self.batch_size):
             xb = x[i:i + self.batch_size].to(self.device)
@@ -317,9 +319,10 @@ class PixelSpace(FeatureSpace):
                 m = self._map(xb, sc)
                 pad = (0, side - m.shape[-1], 0, side - m.shape[-2])
                 maps += [F.pad(dihedral(m, flip, rot), pad) for flip, rot in self.transforms]
-            out.append(torch.stack(maps, 1).permute(0, 1, 3, 4, 2).reshape(xb.shape[0], -1, 3))  # channels last
-        maps = torch.cat(out) if out else torch.zeros(0, len(self.scales) * len(self.transforms) * side * side, 3)
-        return PixelQueries(self, maps.float(), first.to(maps.device), window.to(maps.device))
+            out.append(torch.stack(maps, 1))  # [n, K, 3, side, side]
+        k = len(self.scales) * len(self.transforms)
+        maps = torch.cat(out).float().contiguous() if out else torch.zeros(0, k, 3, side, side, device=self.device)
+        return PixelQueries(self, maps, table.to(maps.device))
 
     def describe(self) -> dict:
         d = super().describe()
@@ -339,16 +342,17 @@ class PixelSpace(FeatureSpace):
 
 class PixelQueries:
     """Lazy query views of a batch of tiles for :class:`PixelSpace`: the pooled maps of every
-    dihedral transform and scale (``maps`` [N, K·side², 3]); view ``v`` of tile ``n`` is the
-    ``g x g`` cell window at ``offset[v]``, standardised and normalised on demand.
+    dihedral transform and scale (``maps`` [N, K, 3, side, side], zero-padded to one side);
+    view ``v`` of a tile is the ``g x g`` cell window of map ``table[v, 0]`` whose first cell
+    is at ``table[v, 1:]``, standardised and normalised when asked for.
 
     The interface the neighbour search uses (a dense [N, V, D] tensor is wrapped in
     :class:`synthpath.audit.neighbours.DenseViews` with the same one): ``len``, ``dim``,
     ``n_views``, slicing by tiles, ``to(device)``, ``take(index)`` and ``materialise()``.
     """
 
-    def __init__(self, space: PixelSpace, maps: Tensor, offset: Tensor, window: Tensor):
-        self.space, self.maps, self.offset, self.window = space, maps, offset, window
+    def __init__(self, space: PixelSpace, maps: Tensor, table: Tensor):
+        self.space, self.maps, self.table = space, maps, table
 
     def __len__(self) -> int:
         return int(self.maps.shape[0])
@@ -359,7 +363,7 @@ class PixelQueries:
 
     @property
     def n_views(self) -> int:
-        return int(self.offset.shape[0])
+        return int(self.table.shape[0])
 
     @property
     def device(self) -> torch.device:
@@ -368,16 +372,21 @@ class PixelQueries:
     def __getitem__(self, sl: slice) -> "PixelQueries":
         if not isinstance(sl, slice):
             raise TypeError("PixelQueries are sliced by tiles (a slice), e.g. q[0:16]")
-        return PixelQueries(self.space, self.maps[sl], self.offset, self.window)
+        return PixelQueries(self.space, self.maps[sl].contiguous(), self.table)
 
     def to(self, device) -> "PixelQueries":
-        return PixelQueries(self.space, self.maps.to(device), self.offset.to(device), self.window.to(device))
+        return PixelQueries(self.space, self.maps.to(device), self.table.to(device))
 
     def vectors(self, tiles: Tensor, views: Tensor) -> Tensor:
-        """float32 [..., D]: view ``views[i]`` of tile ``tiles[i]`` (same shapes)."""
-        g = self.space.grid
-        w = self.maps[tiles.unsqueeze(-1), self.offset[views].unsqueeze(-1) + self.window]  # [..., g², 3]
-        return self.space._normalise(w.transpose(-1, -2).reshape(*views.shape, 3, g, g), -1.0)
+        """float32 [U, D]: view ``views[u]`` of tile ``tiles[u]``."""
+        n, k, _, side, _ = self.maps.shape
+        g, r = self.space.grid, self.space.substeps
+        t = self.table[views]
+        first = ((tiles * k + t[:, 0]) * 3 * side + t[:, 1]) * side + t[:, 2]  # the window's first cell
+        cell = torch.arange(g, device=self.device) * r
+        window = ((torch.arange(3, device=self.device) * side * side)[:, None, None] + cell[:, None] * side + cell)
+        w = self.maps.reshape(-1).index_select(0, (first[:, None] + window.flatten()).flatten())  # only these windows
+        return self.space._normalise(w.view(-1, 3, g, g), -1.0)
 
     def take(self, index: Tensor) -> Tensor:
         """float32 [N, ..., D]: the views ``index`` [N, ...] (view numbers) of each tile. Each
@@ -391,11 +400,13 @@ class PixelQueries:
         vecs = self.vectors(tiles, views)  # [U, D]
         row = torch.zeros(n, self.n_views, dtype=torch.long, device=self.device)
         row[tiles, views] = torch.arange(tiles.shape[0], device=self.device)
-        return vecs[row.gather(1, flat)].reshape(*index.shape, -1)
+        return vecs.index_select(0, row.gather(1, flat).flatten()).reshape(*index.shape, -1)
 
     def materialise(self) -> Tensor:
         """float32 [N, n_views, D] on the CPU: every view (what :meth:`PixelSpace.embed_views` returns)."""
         n = len(self)
-        views = torch.arange(self.n_views, device=self.device).expand(n, -1)
-        tiles = torch.arange(n, device=self.device).unsqueeze(1).expand_as(views)
-        return self.vectors(tiles, views).float().cpu() if n else torch.zeros(0, self.n_views, self.dim)
+        if n == 0:
+            return torch.zeros(0, self.n_views, self.dim)
+        tiles = torch.arange(n, device=self.device).repeat_interleave(self.n_views)
+        views = torch.arange(self.n_views, device=self.device).repeat(n)
+        return self.vectors(tiles, views).reshape(n, self.n_views, -1).float().cpu()
