@@ -348,7 +348,8 @@ class PixelQueries:
 
     The interface the neighbour search uses (a dense [N, V, D] tensor is wrapped in
     :class:`synthpath.audit.neighbours.DenseViews` with the same one): ``len``, ``dim``,
-    ``n_views``, slicing by tiles, ``to(device)``, ``take(index)`` and ``materialise()``.
+    ``n_views``, slicing by tiles, ``to(device)``, ``take(index)``, ``gather_plan(index)`` and
+    ``materialise()``.
     """
 
     def __init__(self, space: PixelSpace, maps: Tensor, table: Tensor):
@@ -388,19 +389,23 @@ class PixelQueries:
         w = self.maps.reshape(-1).index_select(0, (first[:, None] + window.flatten()).flatten())  # only these windows
         return self.space._normalise(w.view(-1, 3, g, g), -1.0)
 
-    def take(self, index: Tensor) -> Tensor:
-        """float32 [N, ..., D]: the views ``index`` [N, ...] (view numbers) of each tile. Each
-        distinct (tile, view) is built once, however often ``index`` repeats it (the refinement
-        neighbourhoods overlap); one host sync (the number of distinct views)."""
+    def gather_plan(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(vectors [U, D], rows [N, ...]) with ``take(index) == vectors[rows]``: each distinct
+        (tile, view) of ``index`` [N, ...] is built once, however often ``index`` repeats it
+        (the refinement neighbourhoods overlap); one host sync (the number of distinct views)."""
         n = index.shape[0]
         flat = index.reshape(n, -1).to(self.device)
         need = torch.zeros(n, self.n_views, dtype=torch.bool, device=self.device)
         need.scatter_(1, flat, True)
         tiles, views = need.nonzero(as_tuple=True)
-        vecs = self.vectors(tiles, views)  # [U, D]
         row = torch.zeros(n, self.n_views, dtype=torch.long, device=self.device)
         row[tiles, views] = torch.arange(tiles.shape[0], device=self.device)
-        return vecs.index_select(0, row.gather(1, flat).flatten()).reshape(*index.shape, -1)
+        return self.vectors(tiles, views), row.gather(1, flat).view(index.shape)
+
+    def take(self, index: Tensor) -> Tensor:
+        """float32 [N, ..., D]: the views ``index`` [N, ...] (view numbers) of each tile."""
+        vecs, rows = self.gather_plan(index)
+        return vecs.index_select(0, rows.flatten()).reshape(*index.shape, -1)
 
     def materialise(self) -> Tensor:
         """float32 [N, n_views, D] on the CPU: every view (what :meth:`PixelSpace.embed_views` returns)."""

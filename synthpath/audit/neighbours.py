@@ -210,6 +210,12 @@ class DenseViews:
     def to(self, device) -> "DenseViews":
         return DenseViews(self.views.to(device, torch.float32))
 
+    def gather_plan(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(vectors [Q·V, D], rows [Q, ...]): ``take(index) == vectors[rows]``."""
+        n, v = self.views.shape[:2]
+        rows = index.to(self.views.device) + v * torch.arange(n, device=self.views.device).view(-1, *[1] * (index.dim() - 1))
+        return self.views.reshape(n * v, -1), rows
+
     def take(self, index: Tensor) -> Tensor:
         """[Q, ..., D]: the views ``index`` [Q, ...] of each query."""
         n, d = index.shape[0], self.dim
@@ -282,10 +288,13 @@ class TwoStageIndex:
         part = torch.arange(P, device=cand.device).repeat_interleave(r).expand(b, c, P * r)
         r = P * r
         nbr = self._nbr[v_sub]  # [b, c, r, R] view indices into q
-        views = q.take(nbr)  # [b, c, r, R, D]
+        vecs, pos = q.gather_plan(nbr)  # the distinct views [U, D], where each entry of nbr is in them
         rows = self.exact[cand.clamp_min(0)].float().view(b, c, P, D)
         ref = torch.gather(rows, 2, part.unsqueeze(-1).expand(-1, -1, -1, D))  # [b, c, r, D]
-        fine = (views - ref.unsqueeze(3)).pow(2).sum(-1).amin(dim=(2, 3))
+        fine = torch.empty(b, c, device=cand.device)
+        for i in range(b):  # one query at a time: [c, r, R, D] stays small (cache-sized), not [b, c, r, R, D]
+            views = vecs.index_select(0, pos[i].flatten()).view(nbr.shape[1:] + (D,))
+            fine[i] = (views - ref[i].unsqueeze(2)).pow(2).sum(-1).amin(dim=(1, 2))
         return fine.masked_fill(cand < 0, float("inf"))
 
     def search(self, queries, k: int, *, query_chunk: int | None = None) -> Neighbours:
