@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from synthpath.audit.filter import ReleaseFilter, bank_index
+from synthpath.audit.filter import bank_index, search_images, view_chunks
 from synthpath.audit.neighbours import DenseViews, calibrated_l2
 from synthpath.features import PixelQueries, PixelSpace
 
@@ -52,17 +52,15 @@ def test_lazy_filter_search_equals_materialised_on_demo_tiles_and_copies(demo_st
     imgs = np.concatenate(planted + [store.read_images(hold_ids[:6])])
     x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     n = 10
-    flt = ReleaseFilter({"pixel": sp}, {("pixel", 0): bank}, {"pixel": {0: {"d1": 0.3, "cal": 0.7}}},
-                        n=n, levels=[1.0], device="cpu")
-    lazy = flt.check(x, 0)["pixel"]  # the release filter's path: lazy views
+    chunks = list(view_chunks(sp, x))  # what the release filter and the audit search with
+    assert chunks and all(isinstance(c, PixelQueries) for c in chunks)
     index = bank_index(bank, "cpu", sp)
     assert index.coarse is not None
+    lazy = search_images(sp, index, x, n)  # lazy views
     dense = index.search(sp.embed_views(x), n)  # every view materialised
-    assert torch.allclose(lazy["d1"], dense.dist[:, 0], atol=1e-5), (lazy["d1"], dense.dist[:, 0])
-    assert torch.allclose(lazy["cal"], calibrated_l2(dense, n), atol=1e-5)
-    assert torch.equal(lazy["nn"], dense.index[:, 0])
-    full = index.search(sp.query_views(x), n)
-    assert torch.allclose(full.dist, dense.dist, atol=1e-5) and torch.equal(full.index, dense.index)
+    assert torch.allclose(lazy.dist, dense.dist, atol=1e-5), (lazy.dist[:, 0], dense.dist[:, 0])
+    assert torch.equal(lazy.index, dense.index)
+    assert torch.allclose(calibrated_l2(lazy, n), calibrated_l2(dense, n), atol=1e-5)
     # the exact copies are found, at distance ~0, at their own training tile
     own = torch.tensor([train_ids.index(t) for t in pick])
-    assert torch.equal(lazy["nn"][:4], own) and bool((lazy["d1"][:4] < 1e-3).all())
+    assert torch.equal(lazy.index[:4, 0], own) and bool((lazy.dist[:4, 0] < 1e-3).all())
