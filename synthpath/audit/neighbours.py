@@ -241,7 +241,7 @@ class TwoStageIndex:
     ``P x refine_top x R x candidates`` fine ones, instead of ``V x P x N`` fine ones. With at most
     ``candidates`` tiles in the bank, stage 2 runs on all of them. Same interface as
     :class:`NeighbourIndex`; distances and neighbour order are float32-exact for the views
-    it compares. Queries may be a tensor [Q, V, D] or lazy views (anything with ``take``,
+    it compares. Queries may be a tensor [Q, V, D] or lazy views (with ``take`` and ``gather_plan``,
     e.g. :class:`synthpath.pixel_space.PixelQueries`): only the views the stages read are
     then built, with the same distances.
     """
