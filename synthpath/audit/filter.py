@@ -99,10 +99,10 @@ def bank_index(features: Tensor, device=None, space: FeatureSpace | None = None)
 
 
 def view_chunks(space: FeatureSpace, images, chunk: int = 16):
-    """The query views of ``images`` a few tiles at a time (the pixel space makes ~27k views
-    per tile, so a whole batch of them is never held at once)."""
+    """The query views of ``images`` a few tiles at a time (``space.query_views``: the pixel
+    space's are lazy, its ~27k views per tile are built only where the search reads them)."""
     for i in range(0, len(images), chunk):
-        yield space.embed_views(images[i:i + chunk])
+        yield space.query_views(images[i:i + chunk])
 
 
 def search_images(space: FeatureSpace, index, images, k: int, chunk: int = 16) -> Neighbours:

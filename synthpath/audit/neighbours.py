@@ -63,6 +63,8 @@ def _as2d(x, name: str) -> Tensor:
 
 
 def _as_views(x) -> Tensor:
+    if hasattr(x, "materialise"):  # lazy views (e.g. PixelQueries): every view, for an exhaustive search
+        return x.materialise()
     t = torch.as_tensor(x) if not isinstance(x, Tensor) else x
     if t.dim() == 2:
         return t.unsqueeze(1)
@@ -188,6 +190,39 @@ class NeighbourIndex:
         return out, torch.gather(cand, 1, pos)
 
 
+class DenseViews:
+    """Query views held as one tensor [Q, V, D], behind the interface that lazy views (e.g.
+    :class:`synthpath.pixel_space.PixelQueries`) offer the two-stage search."""
+
+    def __init__(self, views: Tensor):
+        self.views = views
+
+    def __len__(self) -> int:
+        return int(self.views.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.views.shape[2])
+
+    def __getitem__(self, sl: slice) -> "DenseViews":
+        return DenseViews(self.views[sl])
+
+    def to(self, device) -> "DenseViews":
+        return DenseViews(self.views.to(device, torch.float32))
+
+    def gather_plan(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(vectors [Q·V, D], rows [Q, ...]): ``take(index) == vectors[rows]``."""
+        n, v = self.views.shape[:2]
+        rows = index.to(self.views.device) + v * torch.arange(n, device=self.views.device).view(-1, *[1] * (index.dim() - 1))
+        return self.views.reshape(n * v, -1), rows
+
+    def take(self, index: Tensor) -> Tensor:
+        """[Q, ..., D]: the views ``index`` [Q, ...] of each query."""
+        n, d = index.shape[0], self.dim
+        flat = index.reshape(n, -1, 1).to(self.views.device)
+        return torch.gather(self.views, 1, flat.expand(-1, -1, d)).reshape(*index.shape, d)
+
+
 class TwoStageIndex:
     """Coarse retrieval, then exact verification with local refinement, for a space whose
     queries have many views on a regular grid (the pixel space).
@@ -206,7 +241,9 @@ class TwoStageIndex:
     ``P x refine_top x R x candidates`` fine ones, instead of ``V x P x N`` fine ones. With at most
     ``candidates`` tiles in the bank, stage 2 runs on all of them. Same interface as
     :class:`NeighbourIndex`; distances and neighbour order are float32-exact for the views
-    it compares.
+    it compares. Queries may be a tensor [Q, V, D] or lazy views (with ``take`` and ``gather_plan``,
+    e.g. :class:`synthpath.pixel_space.PixelQueries`): only the views the stages read are
+    then built, with the same distances.
     """
 
     def __init__(self, base, *, parts: int, coarse, search_views: Tensor, neighbours: Tensor, candidates: int = 32,
@@ -234,8 +271,8 @@ class TwoStageIndex:
     def __len__(self) -> int:
         return self.n
 
-    def _verify_refine(self, q: Tensor, cq: Tensor, cand: Tensor) -> Tensor:
-        """Squared fine distances [b, c] of queries (all views q [b, V, D], coarse search views
+    def _verify_refine(self, q, cq: Tensor, cand: Tensor) -> Tensor:
+        """Squared fine distances [b, c] of queries (their views q, ``take``-able, coarse search views
         cq [b, Vs, Dc]) to candidate tiles cand [b, c]: per candidate and part the
         ``refine_top`` best search views by coarse distance, each refined over its
         neighbouring views."""
@@ -251,18 +288,21 @@ class TwoStageIndex:
         part = torch.arange(P, device=cand.device).repeat_interleave(r).expand(b, c, P * r)
         r = P * r
         nbr = self._nbr[v_sub]  # [b, c, r, R] view indices into q
-        R = nbr.shape[-1]
-        views = torch.gather(q, 1, nbr.reshape(b, -1, 1).expand(-1, -1, D)).view(b, c, r, R, D)
+        vecs, pos = q.gather_plan(nbr)  # the distinct views [U, D], where each entry of nbr is in them
         rows = self.exact[cand.clamp_min(0)].float().view(b, c, P, D)
         ref = torch.gather(rows, 2, part.unsqueeze(-1).expand(-1, -1, -1, D))  # [b, c, r, D]
-        fine = (views - ref.unsqueeze(3)).pow(2).sum(-1).amin(dim=(2, 3))
+        fine = torch.empty(b, c, device=cand.device)
+        for i in range(b):  # one query at a time: [c, r, R, D] stays small (cache-sized), not [b, c, r, R, D]
+            views = vecs.index_select(0, pos[i].flatten()).view(nbr.shape[1:] + (D,))
+            fine[i] = (views - ref[i].unsqueeze(2)).pow(2).sum(-1).amin(dim=(1, 2))
         return fine.masked_fill(cand < 0, float("inf"))
 
     def search(self, queries, k: int, *, query_chunk: int | None = None) -> Neighbours:
-        qv = _as_views(queries)
+        lazy = hasattr(queries, "take") and not isinstance(queries, (Tensor, np.ndarray))
+        qv = queries if lazy else DenseViews(_as_views(queries))
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        nq, _, d = qv.shape
+        nq, d = len(qv), qv.dim
         if d != self.dim:
             raise ValueError(f"query dim {d} != base dim {self.dim}")
         out_d = torch.full((nq, k), float("inf"))
@@ -272,18 +312,19 @@ class TwoStageIndex:
         c = min(self.n, max(self.candidates, k))
         step = max(1, query_chunk or 16)
         for s in range(0, nq, step):
-            q = qv[s:s + step].to(self.device, torch.float32)
-            cq = self._coarse_fn(q[:, self._sub])
+            q = qv[s:s + step].to(self.device)
+            b = len(q)
+            cq = self._coarse_fn(q.take(self._sub.expand(b, -1)))
             if self.coarse is None:
-                cand = torch.arange(self.n, device=self.device).expand(q.shape[0], self.n).contiguous()
+                cand = torch.arange(self.n, device=self.device).expand(b, self.n).contiguous()
             else:
                 cand = self.coarse.search(cq, c).index.to(self.device)
             d2 = self._verify_refine(q, cq, cand)
             d2, pos = torch.sort(d2, dim=1)
             idx = torch.gather(cand, 1, pos)
             m = min(k, c)
-            out_d[s:s + q.shape[0], :m] = d2[:, :m].clamp_min(0).sqrt().cpu()
-            out_i[s:s + q.shape[0], :m] = idx[:, :m].cpu()
+            out_d[s:s + b, :m] = d2[:, :m].clamp_min(0).sqrt().cpu()
+            out_i[s:s + b, :m] = idx[:, :m].cpu()
         return Neighbours(out_d, out_i)
 
 
@@ -359,7 +400,7 @@ def closer_to_train_share(syn_views, train, holdout, *, seed: int = 0, repeats: 
     tr = _as2d(train, "train")
     ho = _as2d(holdout, "holdout")
     n = min(tr.shape[0], ho.shape[0])
-    chunks = [syn_views] if isinstance(syn_views, Tensor) else syn_views
+    chunks = [syn_views] if isinstance(syn_views, Tensor) or hasattr(syn_views, "take") else syn_views
     if n == 0 or (isinstance(syn_views, Tensor) and len(syn_views) == 0):
         return {"share": float("nan"), "n_reference": int(n), "repeats": 0}
     build = make_index or (lambda t: NeighbourIndex(t, device=device))
