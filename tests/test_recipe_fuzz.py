@@ -212,7 +212,7 @@ for cid, val, key in [("negative", "{epidermis: -1, dermis: 2}", "generate.label
                       ("all zero", "{epidermis: 0, dermis: 0}", "generate.label_proportions"),
                       ("unknown label", "{tumour: 1}", "generate.label_proportions.tumour")]:
     case("contradiction", f"label_proportions {cid}",
-         sub("  layout_tiles:", f"  label_proportions: {val}\n  layout_tiles:"), E, key)
+         setv("generate.label_proportions", val), E, key)
 case("contradiction", "no audit feature space", setv("audit.feature_spaces", "[]"), E, "audit.feature_spaces")
 case("contradiction", "audit space listed twice", setv("audit.feature_spaces", "[pixel, pixel]"), E, "audit.feature_spaces")
 case("contradiction", "checkpoint space without checkpoint", setv("audit.feature_spaces", "[pixel, checkpoint]"), E,
@@ -240,11 +240,11 @@ for mut, meaning in [
     (setv("train.lr", "1e-3"), "YAML 1.1 reads 1e-3 as text; a number written as text is read as that number"),
     (setv("train.steps", "'80'"), "a quoted integer is read as that integer"),
     (setv("train.steps", "80.0"), "a float with no fractional part is read as the integer"),
-    (setv("export.slides", "yes"), "YAML 1.1 booleans: yes/no/on/off"),
+    (setv("export.webdataset", "yes"), "YAML 1.1 booleans: yes/no/on/off"),
     (setv("train.device", "cuda:0"), "a CUDA device; whether it exists is checked when training starts"),
     (setv("ingest.tiling.tile_px", "128"), "any multiple of 8 (tiny UNet) and of the level zoom 2"),
     (setv("ingest.tiling.tile_px", "48"), "48 = 6 x 8: the tiny UNet halves it three times (48, 24, 12, 6)"),
-    (sub("  layout_tiles:", "  label_proportions: {epidermis: 1, dermis: 0}\n  layout_tiles:"),
+    (setv("generate.label_proportions", "{epidermis: 1, dermis: 0}"),
      "every synthetic slide is epidermis; a zero share is allowed as long as one share is positive"),
     (setv("privacy.delta", "1e-5"), "an explicit delta instead of auto"),
     (sub("  device: auto                  # cuda", "  device: &dev cpu              # cuda"),
