@@ -269,6 +269,14 @@ class PixelSpace(FeatureSpace):
         quads = self._windows(self._map(x), self.part_at)  # the layout x layout parts [N,P,3,g,g]
         return self._normalise(quads, +1.0).flatten(1)
 
+    def _transformed_maps(self, xb: Tensor):
+        """The pooled map of a batch at every scale, under every transform, in view order
+        (scale, then transform): what both the materialised and the lazy query views cut."""
+        for sc in self.scales:
+            m = self._map(xb, sc)
+            for flip, rot in self.transforms:
+                yield dihedral(m, flip, rot)
+
     @torch.no_grad()
     def embed_views(self, images: Any) -> Tensor:
         """float32 [N, n_views, 3g²+1]: every half-tile window (every ``cell / substeps`` px) of
@@ -277,11 +285,7 @@ class PixelSpace(FeatureSpace):
         self._check(x)
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            xb = x[i:i + self.batch_size].to(self.device)
-            views = []
-            for sc in self.scales:
-                m = self._map(xb, sc)
-                views += [self._windows(dihedral(m, flip, rot)) for flip, rot in self.transforms]
+            views = [self._windows(m) for m in self._transformed_maps(x[i:i + self.batch_size].to(self.device))]
             out.append(self._normalise(torch.cat(views, dim=1), -1.0).float().cpu())
         if not out:
             return torch.zeros(0, self.n_views, self.view_dim)
@@ -314,12 +318,8 @@ class PixelSpace(FeatureSpace):
         table, side = self._view_table()
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            xb = x[i:i + self.batch_size].to(self.device)
-            maps = []
-            for sc in self.scales:
-                m = self._map(xb, sc)
-                pad = (0, side - m.shape[-1], 0, side - m.shape[-2])
-                maps += [F.pad(dihedral(m, flip, rot), pad) for flip, rot in self.transforms]
+            maps = [F.pad(m, (0, side - m.shape[-1], 0, side - m.shape[-2]))
+                    for m in self._transformed_maps(x[i:i + self.batch_size].to(self.device))]
             out.append(torch.stack(maps, 1))  # [n, K, 3, side, side]
         k = len(self.scales) * len(self.transforms)
         maps = torch.cat(out).float().contiguous() if out else torch.zeros(0, k, 3, side, side, device=self.device)

@@ -187,7 +187,7 @@ def calibrate(store, cfg, work: Path | str, *, device=None, seed: int = 0, bindi
 
     # a learned space that calls pure noise a copy of a training tile cannot be trusted
     for s in [x for x in names if x == "learned"]:
-        probe = noise_probe(spaces[s], train_features, thresholds[s], n, px, n_levels, dev, seed)
+        probe = noise_probe(spaces[s], train_features, thresholds[s], n, px, n_levels, dev, seed, indexes=indexes)
         hf = [((cat(ho_d1[(s, k)]) <= thresholds[s][k]["d1"]) & (cat(ho_cal[(s, k)]) <= thresholds[s][k]["cal"]))
               for k in range(n_levels) if cat(ho_d1[(s, k)]).numel()]
         real_rate = float(torch.cat(hf).float().mean()) if hf else q
@@ -239,15 +239,17 @@ def noise_tiles(n: int, px: int, seed: int) -> np.ndarray:
 
 
 def noise_probe(space: FeatureSpace, train_features: dict, thresholds: dict, n: int, px: int, n_levels: int,
-                device, seed: int, n_probe: int = 64) -> dict:
-    """How many pure-noise tiles the copy rule of ``space`` flags as copies, over all levels."""
+                device, seed: int, n_probe: int = 64, indexes: dict | None = None) -> dict:
+    """How many pure-noise tiles the copy rule of ``space`` flags as copies, over all levels
+    (searching the resident ``indexes`` of the calibration where given, not new uploads)."""
     imgs = noise_tiles(n_probe, px, seed)
     flagged = 0
     for k in range(n_levels):
         bank = train_features[(space.name, k)] if (space.name, k) in train_features else None
         if bank is None or not bank.shape[0]:
             continue
-        nb = search_images(space, bank_index(bank, device, space), imgs, n)
+        index = (indexes or {}).get((space.name, k)) or bank_index(bank, device, space)
+        nb = search_images(space, index, imgs, n)
         th = thresholds[k]
         flagged += int(((nb.dist[:, 0] <= th["d1"]) & (calibrated_l2(nb, n) <= th["cal"])).sum())
     return {"flagged": flagged, "n": n_probe * n_levels}

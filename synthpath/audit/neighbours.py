@@ -73,6 +73,12 @@ def _as_views(x) -> Tensor:
     return t
 
 
+
+def _no_neighbours(nq: int, k: int) -> tuple[Tensor, Tensor]:
+    """The result before any search: ``inf`` distances and index -1 (a column stays so when
+    there are fewer than k tiles)."""
+    return torch.full((nq, k), float("inf")), torch.full((nq, k), -1, dtype=torch.long)
+
 class NeighbourIndex:
     """A bank of vectors resident on ``device`` with its norms, searched many times.
 
@@ -134,8 +140,7 @@ class NeighbourIndex:
             self._prepare(self.width // d)
         if d != self.dim:
             raise ValueError(f"query dim {d} != base dim {self.dim}")
-        out_d = torch.full((nq, k), float("inf"))
-        out_i = torch.full((nq, k), -1, dtype=torch.long)
+        out_d, out_i = _no_neighbours(nq, k)
         if nq == 0 or self.n == 0:
             return Neighbours(out_d, out_i)
         P, dev = self.parts, self.device
@@ -305,8 +310,7 @@ class TwoStageIndex:
         nq, d = len(qv), qv.dim
         if d != self.dim:
             raise ValueError(f"query dim {d} != base dim {self.dim}")
-        out_d = torch.full((nq, k), float("inf"))
-        out_i = torch.full((nq, k), -1, dtype=torch.long)
+        out_d, out_i = _no_neighbours(nq, k)
         if nq == 0 or self.n == 0:
             return Neighbours(out_d, out_i)
         c = min(self.n, max(self.candidates, k))
