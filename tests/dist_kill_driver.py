@@ -11,19 +11,21 @@ tests/test_distributed_kill.py.
 ``scope``: ``self`` kills this process only (torchrun must then stop the other rank);
 ``job`` kills the torchrun agent, every rank and this process at once (a node failure,
 ``scancel``, the OOM killer), each with SIGKILL. Each rank writes its pid to
-``$KILL_PIDS/rank<r>`` so the job can be found. Prints ``OPTIMISER_STEPS <n>`` at the end."""
+``$KILL_PIDS/rank<r>`` so the job can be found. Prints ``OPTIMISER_STEPS <n>`` at the end
+(the wrapping and the run are tests/kill_common.py's, shared with tests/train_kill_driver.py)."""
 
 import os
 import signal
 import sys
 from pathlib import Path
 
+from kill_common import train_with_kill_points
+
 rank = int(os.environ["RANK"])
 who, point, at, scope = (os.environ.get("KILL_AT") or "-1:::").split(":")
 pids = Path(os.environ["KILL_PIDS"])
 pids.mkdir(parents=True, exist_ok=True)
 (pids / f"rank{rank}").write_text(str(os.getpid()))
-count = {"grad": 0}
 
 
 def die():
@@ -41,38 +43,18 @@ def die():
 
 mine = int(who) == rank
 
-from synthpath.train import trainer  # noqa: E402
-import synthpath.pipeline as pipeline  # noqa: E402
 
-step_fn, state_fn, clean_fn = trainer.gradient_step, trainer.save_state, pipeline.remove_temp_files
+def wrap_save_state(state_fn):
+    def save_state(root, *, step, **k):
+        if mine and point == "state" and step == int(at):
+            work = Path(root) / f"step_{step:07d}.tmp"
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "tensors.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"model.")  # torn
+            die()
+        return state_fn(root, step=step, **k)
 
-
-def gradient_step(*a, **k):
-    out = step_fn(*a, **k)
-    count["grad"] += 1
-    if mine and point == "grad" and count["grad"] == int(at):
-        die()
-    return out
-
-
-def save_state(root, *, step, **k):
-    if mine and point == "state" and step == int(at):
-        work = Path(root) / f"step_{step:07d}.tmp"
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "tensors.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"model.")  # torn
-        die()
-    return state_fn(root, step=step, **k)
+    return save_state
 
 
-def remove_temp_files(folder):  # run_stage: train returned, the stage is not finalised yet
-    if mine and point == "finalise":
-        die()
-    return clean_fn(folder)
-
-
-trainer.gradient_step, trainer.save_state, pipeline.remove_temp_files = gradient_step, save_state, remove_temp_files
-from synthpath.cli import main  # noqa: E402
-
-rc = main(["train", sys.argv[1]])
-print("OPTIMISER_STEPS", count["grad"], flush=True)
-sys.exit(rc)
+train_with_kill_points(sys.argv[1], die, grad_at=int(at) if mine and point == "grad" else None,
+                       finalise=mine and point == "finalise", wrap={"save_state": wrap_save_state})

@@ -16,49 +16,34 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from safetensors.torch import load_file
 
 from synthpath.pipeline import fingerprint, get_stage
 from synthpath.recipe import load_recipe
-from synthpath.tiles.toystore import make_toy_store
 from synthpath.train.dprandom import TEST_SEED_ENV
 
+from kill_common import assert_resumed_like_reference, toy_dp_recipe, write_ingest_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
-TEMP = re.compile(r"\.tmp\d*(\.[A-Za-z0-9]+)?$")
 LAUNCH_TIMEOUT = 240  # a hung rank fails the test instead of blocking the suite
 
 
 def _setup(root: Path) -> Path:
-    out = root / "out"
-    ingest = out / "ingest"
-    make_toy_store(ingest, n_patients=6, tile_px=16, n_levels=2, coarse_tiles=2, holdout_patients=1)
-    (ingest / "manifest.json").write_text(json.dumps({"stage": "ingest", "fingerprint": "toy",
-                                                      "finished_at": "2026-01-01T00:00:00+00:00"}))
-    recipe = {
-        "name": "dkill", "output_dir": str(out), "seed": 0,
-        "data": {"slide_dir": str(root), "classes": ["stroma", "tumour"]},
-        "ingest": {"tiling": {"levels": [2.0, 1.0], "tile_px": 16}},
-        "model": {"size": "tiny"},
+    path = toy_dp_recipe(
+        root, "dkill",
         # 3 patients x 2 tiles x K=2 = 12 rows a step in chunks of 4: both ranks work every step
-        "train": {"steps": 4, "batch_size": 3, "physical_batch_size": 4, "lr": 1e-3, "ema_decay": 0.9,
-                  "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "device": "cpu"},
-        "privacy": {"enabled": True, "unit": "patient", "target_epsilon": 3.0, "accountant": "rdp", "delta": 1e-2,
-                    "noise_multiplicity": 2, "tiles_per_patient": 2, "max_grad_norm": 0.05, "clipping": "ghost"},
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+        train={"steps": 4, "batch_size": 3, "physical_batch_size": 4, "lr": 1e-3, "ema_decay": 0.9,
+               "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "device": "cpu"},
+        privacy={"enabled": True, "unit": "patient", "target_epsilon": 3.0, "accountant": "rdp", "delta": 1e-2,
+                 "noise_multiplicity": 2, "tiles_per_patient": 2, "max_grad_norm": 0.05, "clipping": "ghost"})
     # the toy store stands for a finished ingest of this recipe (ingest is tested in test_ingest*.py)
     fp, _ = fingerprint(load_recipe(path), get_stage("ingest"))
-    (ingest / "manifest.json").write_text(json.dumps({"stage": "ingest", "fingerprint": fp,
-                                                      "finished_at": "2026-01-01T00:00:00+00:00"}))
+    write_ingest_manifest(root / "out" / "ingest", fp)
     return path
 
 
@@ -165,18 +150,8 @@ def test_sigkilled_two_process_training_resumes_to_the_uninterrupted_result(tmp_
     assert p.stdout.count("OPTIMISER_STEPS 0") == 2, p.stdout[-2000:]  # neither rank trained again
     assert (final / "manifest.json").is_file() and not partial.exists()
 
-    for name in ("model.safetensors", "model_raw.safetensors"):
-        a, b = load_file(str(reference / name)), load_file(str(final / name))
-        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
-    led = json.loads((final / "ledger.json").read_text())
-    assert led == json.loads((reference / "ledger.json").read_text())
+    led = assert_resumed_like_reference(final, reference, steps=4)
     assert led["enabled"] and led["steps"] == 4 and 0 < led["epsilon"] <= 3.0 + 0.05
-    rows = (final / "losses.csv").read_text()
-    assert rows == (reference / "losses.csv").read_text()
-    assert [int(line.split(",")[0]) for line in rows.splitlines()[1:]] == [1, 2, 3, 4]
-    stray = [str(q.relative_to(final)) for q in final.rglob("*") if TEMP.search(q.name)]
-    assert not stray, f"temp files in the finished stage: {stray}"
-    assert not (final / "state").exists()
     assert sorted(q.name for q in final.iterdir()) == sorted(q.name for q in reference.iterdir())
 
 

@@ -11,98 +11,40 @@ After every kill the stage is not marked finished (no ``train/`` folder). The fi
 has bit-identical weights, the same ledger and the same loss log as an uninterrupted run
 (both with the same injected test DP seed), no temp file and no private state.
 
-The CLI runs in a subprocess through a small driver that wraps trainer/pipeline functions to
-deliver the signal to itself at exactly the chosen point.
+The CLI runs in a subprocess through a small driver (tests/train_kill_driver.py) that wraps
+trainer/pipeline functions to deliver the signal to itself at exactly the chosen point.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
-from safetensors.torch import load_file
 
-from synthpath.tiles.toystore import make_toy_store
 from synthpath.train.dprandom import TEST_SEED_ENV
 
+from kill_common import assert_resumed_like_reference, toy_dp_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
-TEMP = re.compile(r"\.tmp\d*(\.[A-Za-z0-9]+)?$")
-
-DRIVER = textwrap.dedent('''
-    import os, signal, sys
-    kind, arg, sig = (os.environ.get("KILL_AT") or "::").split(":")
-    count = {"grad": 0}
-
-    def die():
-        os.kill(os.getpid(), getattr(signal, "SIG" + sig))
-
-    from synthpath.train import trainer
-    import synthpath.pipeline as pipeline
-
-    step_fn, losses_fn, clean_fn = trainer.gradient_step, trainer.write_losses, pipeline.remove_temp_files
-
-    def gradient_step(*a, **k):
-        out = step_fn(*a, **k)
-        count["grad"] += 1
-        if kind == "grad" and count["grad"] == int(arg):
-            die()
-        return out
-
-    def write_losses(path, rows):  # called right after state/latest.json is written
-        if kind == "losses" and rows and rows[-1]["step"] == int(arg):
-            path.with_name(path.name + ".tmp").write_text("step,loss,units\\n1,0.")  # torn, as a kill leaves it
-            die()
-        return losses_fn(path, rows)
-
-    def remove_temp_files(folder):  # run_stage, after train returned, before the manifest and rename
-        if kind == "finalise":
-            die()
-        return clean_fn(folder)
-
-    trainer.gradient_step, trainer.write_losses, pipeline.remove_temp_files = gradient_step, write_losses, remove_temp_files
-    from synthpath.cli import main
-    rc = main(["train", sys.argv[1]])
-    print("OPTIMISER_STEPS", count["grad"], flush=True)
-    sys.exit(rc)
-''')
-
 
 def _setup(root: Path) -> Path:
-    out = root / "out"
-    ingest = out / "ingest"
-    make_toy_store(ingest, n_patients=6, tile_px=16, n_levels=2, coarse_tiles=2, holdout_patients=1)
-    # the ingest stage's manifest (the store itself is real; ingest is tested in test_ingest*.py)
-    (ingest / "manifest.json").write_text(json.dumps({"stage": "ingest", "fingerprint": "toy",
-                                                      "finished_at": "2026-01-01T00:00:00+00:00"}))
-    recipe = {
-        "name": "kill", "output_dir": str(out), "seed": 0,
-        "data": {"slide_dir": str(root), "classes": ["stroma", "tumour"]},
-        "ingest": {"tiling": {"levels": [2.0, 1.0], "tile_px": 16}},
-        "model": {"size": "tiny"},
-        "train": {"steps": 6, "batch_size": 2, "physical_batch_size": 8, "lr": 1e-3, "ema_decay": 0.9,
-                  "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "device": "cpu"},
-        "privacy": {"enabled": True, "unit": "patient", "target_epsilon": 8.0, "accountant": "rdp",
-                    "noise_multiplicity": 1, "tiles_per_patient": 2},
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return toy_dp_recipe(
+        root, "kill",
+        train={"steps": 6, "batch_size": 2, "physical_batch_size": 8, "lr": 1e-3, "ema_decay": 0.9,
+               "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "device": "cpu"},
+        privacy={"enabled": True, "unit": "patient", "target_epsilon": 8.0, "accountant": "rdp",
+                 "noise_multiplicity": 1, "tiles_per_patient": 2})
 
 
 def _run(recipe: Path, kill_at: str = "") -> subprocess.CompletedProcess:
-    driver = recipe.parent / "driver.py"
-    driver.write_text(DRIVER)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", KILL_AT=kill_at or "::")
     env[TEST_SEED_ENV] = "11"  # the same (test, not private) DP seed in every run, so they can be compared
-    return subprocess.run([sys.executable, str(driver), str(recipe)], cwd=str(ROOT), env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "train_kill_driver.py"), str(recipe)], cwd=str(ROOT),
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def _killed(p: subprocess.CompletedProcess, sig: str) -> None:
@@ -144,16 +86,7 @@ def test_kills_and_interrupts_resume_to_the_uninterrupted_result(tmp_path, refer
     assert "OPTIMISER_STEPS 0" in p.stdout  # resumed at the end, not from step 0
     assert (final / "manifest.json").is_file() and not partial.exists()
 
-    for name in ("model.safetensors", "model_raw.safetensors"):
-        a, b = load_file(str(reference / name)), load_file(str(final / name))
-        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
-    assert json.loads((final / "ledger.json").read_text()) == json.loads((reference / "ledger.json").read_text())
-    rows = (final / "losses.csv").read_text()
-    assert rows == (reference / "losses.csv").read_text()
-    assert [int(line.split(",")[0]) for line in rows.splitlines()[1:]] == [1, 2, 3, 4, 5, 6]  # no row lost
-    stray = [str(q.relative_to(final)) for q in final.rglob("*") if TEMP.search(q.name)]
-    assert not stray, f"temp files in the finished stage: {stray}"
-    assert not (final / "state").exists()  # the private state (DP generator states) is not in the release
+    assert_resumed_like_reference(final, reference, steps=6)
 
 
 def test_remove_temp_files_takes_temps_only(tmp_path):
