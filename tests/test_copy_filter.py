@@ -17,61 +17,24 @@ import torch
 from synthpath.audit.filter import ReleaseFilter, ReleaseFilterError
 from synthpath.audit.verify import verify_canvas, window_origins
 from synthpath.features import PixelSpace
-from synthpath.recipe import parse_recipe
 
 
 # --------------------------------------------------------------------------- a tiny filter + model
-def _train_tiles(n: int = 12, px: int = 16) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 3, px, px, generator=g) * 2 - 1
-
-
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import bind_test_audit  # noqa: E402
+from generate_common import filter_run_dirs, generate_ctx  # noqa: E402
+from generate_common import train_tiles as _train_tiles  # noqa: E402
 
 
 def _run_dirs(tmp_path: Path, *, slides: bool = False, tau: float = 0.3):
     """Recipe + upstream folders: a tiny untrained model, a passing audit report and a
     ReleaseFilter on random 'training' tiles (pixel space) with a tight threshold."""
-    from synthpath.models.checkpoint import save_checkpoint
-    from synthpath.models.registry import build_model
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    slide = tmp_path / "s.svs"
-    slide.write_bytes(b"")
-    recipe = parse_recipe({
-        "name": "copyfilter",
-        "output_dir": str(tmp_path / "out"),
-        "data": {"slides": [{"path": str(slide)}], "classes": ["a", "b"]},
-        "ingest": {"tiling": {"levels": [1.0, 0.5], "tile_px": 16}},
-        "sampler": {"name": "ddim", "steps": 2, "guidance_scale": 1.0},
-        "generate": {"n_slides": 2, "layout_tiles": [1, 1], "samples_per_slide": 1, "shard_samples": 2,
-                     "label_proportions": {"a": 0.5, "b": 0.5}, "batch_size": 8, "device": "cpu",
-                     "mode": "slides" if slides else "stacks",
-                     "max_filter_retries": 2},
-        "export": {"slides": slides},
-    })
-    out = recipe.output_dir
-    dirs = {n: out / n for n in ("ingest", "train", "audit")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    save_checkpoint(dirs["train"], build_model("tiny", 2, 16), None, {"tile_px": 16, "classes": ["a", "b"]})
-    (dirs["audit"] / "report.json").write_text(json.dumps({"passed": True, "checks": {}}))
-    space = PixelSpace(16, device="cpu")
-    feats = {("pixel", lv): space.embed(_train_tiles()) for lv in (0, 1)}
-    ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
-                        {"pixel": {lv: {"d1": tau, "cal": 0.5} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
-    bind_test_audit(recipe, dirs)  # the release gate needs an audit bound to these weights and recipe
-    return recipe, dirs
+    return filter_run_dirs(tmp_path, name="copyfilter",
+                           generate={"n_slides": 2, "samples_per_slide": 1, "mode": "slides" if slides else "stacks",
+                                     "max_filter_retries": 2},
+                           export_slides=slides, thresholds={"d1": tau, "cal": 0.5})
 
 
-def _ctx(recipe, dirs):
-    from synthpath.pipeline import StageContext
-
-    work = recipe.output_dir / "generate.partial"
-    work.mkdir(parents=True, exist_ok=True)
-    return StageContext(recipe=recipe, name="generate", workdir=work, inputs=dirs, options={"quiet": True})
+_ctx = generate_ctx
 
 
 # --------------------------------------------------------------------------- fails closed

@@ -18,7 +18,7 @@ from synthpath.pipeline import StageError
 from synthpath.recipe import parse_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import bind_test_audit  # noqa: E402
+from generate_common import filter_run_dirs, generate_ctx  # noqa: E402
 
 
 
@@ -191,51 +191,13 @@ def _run_dirs(tmp_path: Path, *, copy_all: bool = False, passed: bool = True, **
     """Recipe + upstream folders built through the public contracts: a tiny untrained
     model saved with save_checkpoint, an audit report and a ReleaseFilter built from
     random 'training' tiles (``copy_all`` sets thresholds that flag every tile)."""
-    import torch
-
-    from synthpath.audit.filter import ReleaseFilter
-    from synthpath.features import PixelSpace
-    from synthpath.models.checkpoint import save_checkpoint
-    from synthpath.models.registry import build_model
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    slide = tmp_path / "s.svs"
-    slide.write_bytes(b"")
-    recipe = parse_recipe({
-        "name": "gen",
-        "output_dir": str(tmp_path / "out"),
-        "data": {"slides": [{"path": str(slide)}], "classes": ["a", "b"]},
-        "ingest": {"tiling": {"levels": [1.0, 0.5], "tile_px": 16}},
-        "sampler": {"name": "ddim", "steps": 2, "guidance_scale": 1.0},
-        "generate": {"n_slides": 3, "layout_tiles": [1, 1], "samples_per_slide": 2, "shard_samples": 2,
-                     "label_proportions": {"a": 0.5, "b": 0.5}, "batch_size": 8, "device": "cpu",
-                     "max_filter_retries": 1, **gen},
-        "export": {"slides": False},
-    })
-    out = recipe.output_dir
-    dirs = {n: out / n for n in ("ingest", "train", "audit")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    save_checkpoint(dirs["train"], build_model("tiny", 2, 16), None, {"tile_px": 16, "classes": ["a", "b"]})
-    (dirs["audit"] / "report.json").write_text(json.dumps({"passed": passed, "checks": {}}))
-    space = PixelSpace(16, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    train = torch.rand(12, 3, 16, 16, generator=g) * 2 - 1
-    feats = {("pixel", lv): space.embed(train) for lv in (0, 1)}
     big = 1e9 if copy_all else 0.0
-    ReleaseFilter.build(dirs["audit"], {"pixel": space}, feats,
-                        {"pixel": {lv: {"d1": big, "cal": big} for lv in (0, 1)}}, n=3, levels=[1.0, 0.5])
-    bind_test_audit(recipe, dirs)
-    return recipe, dirs
+    return filter_run_dirs(tmp_path, name="gen", generate={"n_slides": 3, "samples_per_slide": 2,
+                                                            "max_filter_retries": 1, **gen},
+                           export_slides=False, thresholds={"d1": big, "cal": big}, passed=passed)
 
 
-def _ctx(recipe, dirs, **options):
-    from synthpath.pipeline import StageContext
-
-    work = recipe.output_dir / "generate.partial"
-    work.mkdir(parents=True, exist_ok=True)
-    return StageContext(recipe=recipe, name="generate", workdir=work, inputs=dirs, options={"quiet": True, **options})
+_ctx = generate_ctx
 
 
 def _keys(shard_dir: Path) -> list[str]:
