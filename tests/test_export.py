@@ -123,16 +123,22 @@ def ctx_for(recipe, dirs, tmp_path, **options) -> StageContext:
     return StageContext(recipe=recipe, name="export", workdir=work, inputs=dirs, options=options)
 
 
-# ----------------------------------------------------------------------------- HF dataset
-def test_hf_export_loads_with_datasets(tmp_path, monkeypatch):
-    import datasets
-
+def exported_run(tmp_path: Path, monkeypatch):
+    """:func:`build_run` exported by the export stage, with ``datasets`` offline and its home in
+    ``tmp_path``: (recipe, dirs, export summary, generate plan, the exported ``hf`` folder)."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
     recipe, dirs = build_run(tmp_path)
     summary = hfmod.run(ctx_for(recipe, dirs, tmp_path))
     plan = json.loads((dirs["generate"] / "plan.json").read_text())
-    hf_dir = recipe.output_dir / "export.partial" / "hf"
+    return recipe, dirs, summary, plan, recipe.output_dir / "export.partial" / "hf"
+
+
+# ----------------------------------------------------------------------------- HF dataset
+def test_hf_export_loads_with_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    recipe, dirs, summary, plan, hf_dir = exported_run(tmp_path, monkeypatch)
     assert summary["splits"]["train"] + summary["splits"]["test"] == 18
     ds = datasets.load_dataset(str(hf_dir), cache_dir=str(tmp_path / "cache"))
     assert set(ds) == {"train", "test"}

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from synthpath.export import hf as hfmod
-from test_export import build_run, ctx_for
+from test_export import build_run, ctx_for, exported_run
 
 
 def test_level_configs_hold_distinct_tiles(tmp_path, monkeypatch):
     import datasets
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
-    recipe, dirs = build_run(tmp_path)
-    summary = hfmod.run(ctx_for(recipe, dirs, tmp_path))
-    plan = json.loads((dirs["generate"] / "plan.json").read_text())
-    hf_dir = recipe.output_dir / "export.partial" / "hf"
+    recipe, dirs, summary, plan, hf_dir = exported_run(tmp_path, monkeypatch)
     stacks = datasets.load_dataset(str(hf_dir), cache_dir=str(tmp_path / "c0"))  # the default config
     for lv, n_lv in (("10x", 0), ("20x", 1)):
         ds = datasets.load_dataset(str(hf_dir), f"tiles_{lv}", cache_dir=str(tmp_path / f"c_{lv}"))
