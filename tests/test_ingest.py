@@ -280,7 +280,7 @@ def test_rasterize_holes_overlaps_and_decider():
 
 
 def test_block_grouping_gives_the_same_tiles(tmp_path, make_pyramid_tiff, monkeypatch):
-    from synthpath.slides import ingest
+    from synthpath.slides import slide_job as ingest
     from synthpath.slides.tiling import PlannedTile
 
     slide = make_pyramid_tiff("g.tif", size=(512, 512), mpp=0.5, levels=1, seed=4)
