@@ -170,3 +170,12 @@ def test_recipe_keys_are_validated(tmp_path):
         _recipe(tmp_path, train={"augmentation": "dihedral"})
     with pytest.raises(RecipeError, match="level_balance"):
         _recipe(tmp_path, train={"level_balance": True}, privacy={"enabled": True, "unit": "patient"})
+
+
+def test_resume_settings_leave_the_new_keys_out_at_their_defaults(tmp_path):
+    from synthpath.train.guard import settings_of
+
+    off = settings_of(_recipe(tmp_path, train={"augment": "none"}))["train"]
+    assert "augment" not in off and "level_balance" not in off  # a state saved before these keys still matches
+    on = settings_of(_recipe(tmp_path, train={"level_balance": True}))["train"]
+    assert on["augment"] == "dihedral" and on["level_balance"] is True
