@@ -302,6 +302,9 @@ def value_problems(r: Any) -> list[Problem]:
                     f"{g.samples_per_slide} samples per slide, but a {list(g.layout_tiles)} layout with levels "
                     f"{list(r.ingest.tiling.levels)} holds only {n_stacks} distinct stacks; lower it or enlarge "
                     f"generate.layout_tiles"))
+    if r.train.level_balance and r.privacy.enabled:
+        out.append((("train", "level_balance"), "level-balanced sampling is for non-DP runs only: DP-SGD's accounting "
+                    "assumes uniform (Poisson) sampling of units; set train.level_balance: false or privacy.enabled: false"))
     ids: dict[str, int] = {}
     for i, s in enumerate(d.slides):
         sid = s.slide_id or Path(s.path).stem

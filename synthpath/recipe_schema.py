@@ -139,6 +139,14 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     compile: bool = False
     num_workers: int = Field(0, ge=0)
+    augment: Literal["none", "dihedral"] = Field(
+        "none", description="Per-tile training augmentation: dihedral = one of the 8 flips/rotations per tile, applied "
+        "alike to the tile, its parent crop and its known pixels (synthpath.train.augment). Off by default so existing "
+        "recipes train (and resume) exactly as before.")
+    level_balance: bool = Field(
+        False, description="Non-DP runs only: draw each step's tiles so every level is equally likely (a coarse level "
+        "has 1/4 the tiles of the next one, so uniform sampling barely trains it). Refused with privacy on: DP-SGD "
+        "samples units uniformly (Poisson), which its accounting assumes.")
     init_from: Path | None = Field(None, description="Public checkpoint to start from: a synthpath train folder or "
                                    "its model.safetensors (pkg://package/path accepted). See synthpath.train.public_init.")
 

@@ -22,17 +22,34 @@ import torch
 
 from ..models import Cond
 from ..models.diffusion import diffusion_loss, drop_conditions
+from .augment import Augment
 from .engine import Rows
 
 
 class FixedSizeSampler:
-    """Non-private sampling: ``batch_size`` distinct units, uniformly, every step."""
+    """Non-private sampling: ``batch_size`` distinct units every step, uniformly, or (with
+    ``weights``, one per unit) drawn without replacement in proportion to the weights."""
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, weights: torch.Tensor | None = None):
         self.n, self.batch_size, self.generator = n, min(batch_size, n), generator
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            if weights.numel() != n or not bool((weights > 0).all()):
+                raise ValueError(f"need one positive weight per unit: {n} units, {weights.numel()} weights")
+        self.weights = weights
 
     def draw(self) -> list[int]:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.batch_size, replacement=False, generator=self.generator).tolist()
         return torch.randperm(self.n, generator=self.generator)[: self.batch_size].tolist()
+
+
+def level_balanced_weights(levels) -> torch.Tensor:
+    """Per-tile sampling weights under which every level present is drawn equally often
+    (``train.level_balance``): 1 / (number of tiles at the tile's level)."""
+    lv = torch.as_tensor(levels, dtype=torch.long).reshape(-1)
+    counts = torch.bincount(lv)
+    return 1.0 / counts[lv].double()
 
 
 class PoissonSampler:
@@ -58,7 +75,7 @@ class RowMaker:
     """Builds :class:`Rows` for a chunk of units from a :class:`~synthpath.tiles.dataset.TileDataset`."""
 
     def __init__(self, dataset, *, unit: str, noise_multiplicity: int, tiles_per_patient: int,
-                 num_classes: int, device: torch.device, generator: torch.Generator):
+                 num_classes: int, device: torch.device, generator: torch.Generator, augment: str = "none"):
         if unit not in ("tile", "patient"):
             raise ValueError(f"unit must be 'tile' or 'patient', got {unit!r}")
         self.dataset = dataset
@@ -68,6 +85,7 @@ class RowMaker:
         self.num_classes = num_classes
         self.device = device
         self.generator = generator
+        self.augment = Augment(augment, generator)  # per tile, before the rows are repeated
         self.groups = dataset.patient_groups() if unit == "patient" else None
         self.messages: list[str] = []
         if self.groups is not None:
@@ -108,7 +126,7 @@ class RowMaker:
         batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "parent", "has_parent", "log_mpp", "label")}
         batch = {k: v.to(self.device) for k, v in batch.items()}
         cond = Cond.from_batch(batch, self.num_classes)
-        x0 = batch["image"]
+        x0, cond = self.augment(batch["image"], cond)  # tile, parent crop, known pixels, mask alike
         unit = torch.tensor(owner, dtype=torch.long, device=self.device)
         if self.k > 1:
             cond, x0, unit = cond.repeat(self.k), x0.repeat_interleave(self.k, dim=0), unit.repeat_interleave(self.k)

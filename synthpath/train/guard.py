@@ -26,10 +26,16 @@ DONE = "train_done.json"
 _NEUTRAL_TRAIN_KEYS = ("device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile")
 
 
+# train keys added after states were first saved, with the default that computes what older
+# code did: left out of the settings at that default, so a state saved before they existed resumes
+_LATER_TRAIN_DEFAULTS = {"augment": "none", "level_balance": False}
+
+
 def settings_of(recipe) -> dict:
     """The settings a training state is bound to (JSON)."""
     dump = recipe.model_dump(mode="json")
-    train = {k: v for k, v in dump["train"].items() if k not in _NEUTRAL_TRAIN_KEYS}
+    train = {k: v for k, v in dump["train"].items() if k not in _NEUTRAL_TRAIN_KEYS
+             and not (k in _LATER_TRAIN_DEFAULTS and v == _LATER_TRAIN_DEFAULTS[k])}
     return {"seed": recipe.seed, "model": dump["model"], "train": train, "privacy": dump["privacy"],
             "label_proportions": dump["generate"]["label_proportions"]}
 

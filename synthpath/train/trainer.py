@@ -39,7 +39,7 @@ from . import adapters as A
 from . import label_shares as L
 from . import public_init as PI
 from . import privacy as P
-from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker
+from .batches import DiffusionLoss, FixedSizeSampler, PoissonSampler, RowMaker, level_balanced_weights
 from .engine import PlainGradients, PrivateGradients, ghost_privacy, gradient_step
 from .report import grid_conditions, plot_losses, read_losses, sample_grid, write_losses
 from .guard import DONE, check_resume, read_done, remove_temp_files, settings_of
@@ -96,7 +96,8 @@ def build_gradients(recipe, model: torch.nn.Module, optimizer: torch.optim.Optim
         if dist is not None and dist.active:
             grads.reduce = dist.all_reduce_sum
         n = len(dataset)
-        return Setup(grads, lambda left: FixedSizeSampler(n, tcfg.batch_size, gens["units"]), n, "tile", None, None)
+        w = level_balanced_weights(dataset._level) if tcfg.level_balance else None  # non-DP only (recipe check)
+        return Setup(grads, lambda left: FixedSizeSampler(n, tcfg.batch_size, gens["units"], w), n, "tile", None, None)
 
     P.check_supported(model)
     if tcfg.compile:
@@ -285,7 +286,7 @@ def train(recipe, store_dir: Path, workdir: Path, *, stop_after: int | None = No
     K = pcfg.noise_multiplicity if dp else 1
     rows = RowMaker(dataset, unit=setup.unit if dp else "tile", noise_multiplicity=K,
                     tiles_per_patient=pcfg.tiles_per_patient, num_classes=len(classes), device=device,
-                    generator=gens["rows"])
+                    generator=gens["rows"], augment=tcfg.augment)
     loss_fn = DiffusionLoss(p_label=mcfg.p_drop_label, p_parent=mcfg.p_drop_parent, p_known=mcfg.p_known,
                             generator=gens["rows"])
     saved_gens = {k: g for k, g in gens.items() if not (secure and k in ("units", "noise"))}
