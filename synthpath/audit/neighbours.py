@@ -79,6 +79,9 @@ def _no_neighbours(nq: int, k: int) -> tuple[Tensor, Tensor]:
     there are fewer than k tiles)."""
     return torch.full((nq, k), float("inf")), torch.full((nq, k), -1, dtype=torch.long)
 
+_CACHE_BYTES = 2 << 20  # distance block of the CPU multi-view search (about one core's L2 cache)
+
+
 class NeighbourIndex:
     """A bank of vectors resident on ``device`` with its norms, searched many times.
 
@@ -119,10 +122,44 @@ class NeighbourIndex:
         for s in range(0, flat.shape[0], step):
             norms[s:s + step] = flat[s:s + step].float().pow(2).sum(1)
         self._norm = norms
+        self._aug = None
         if self.use_bf16:
             self._mat = flat.to(torch.bfloat16)
         else:
             self._mat = flat if flat.dtype == torch.float32 else flat.float()
+
+    def _augmented(self) -> Tensor:
+        """[N·P, D + 2] float32, built once: the bank parts as ``[-2b, 1, |b|²]``, so
+        ``this @ [q, |q|², 1]ᵀ`` is the squared distance matrix in one matmul (no broadcast add
+        of the norms over the whole block)."""
+        if self._aug is None:
+            m = self._mat.float()
+            self._aug = torch.cat([-2.0 * m, torch.ones_like(self._norm).unsqueeze(1), self._norm.unsqueeze(1)],
+                                  dim=1).contiguous()
+        return self._aug
+
+    def _search_views_cpu(self, qv: Tensor, kk: int) -> tuple[Tensor, Tensor]:
+        """Squared distances and tile rows [Q, kk] of the kk nearest tiles of multi-view
+        queries [Q, V, D] (fp32, CPU): per query tile and cache-sized bank block (``_CACHE_BYTES``
+        of distances), one matmul of the augmented vectors, then the smallest over views and
+        parts; one top-k over the whole bank per query tile. Same minima as the blocked
+        path (up to float rounding of the matmul), ~10x less memory traffic."""
+        nq, nv, _ = qv.shape
+        P, aug = self.parts, self._augmented()
+        bt = max(1, _CACHE_BYTES // (4 * nv * P))  # bank tiles per block: the [bt·P, V] block stays in cache
+        out_d = torch.empty(nq, kk)
+        out_i = torch.empty(nq, kk, dtype=torch.long)
+        tile_d = torch.empty(self.n)
+        for i in range(nq):
+            q = qv[i].float()
+            qa = torch.cat([q, q.pow(2).sum(1, keepdim=True), torch.ones(nv, 1)], dim=1)  # [V, D + 2]
+            qt = qa.t().contiguous()
+            for ts in range(0, self.n, bt):
+                te = min(self.n, ts + bt)
+                d2 = torch.mm(aug[ts * P:te * P], qt)  # [bt·P, V]
+                tile_d[ts:te] = d2.amin(1).view(te - ts, P).amin(1)
+            out_d[i], out_i[i] = torch.topk(tile_d, kk, largest=False)
+        return out_d, out_i
 
     def __len__(self) -> int:
         return self.n
@@ -145,6 +182,12 @@ class NeighbourIndex:
             return Neighbours(out_d, out_i)
         P, dev = self.parts, self.device
         kk = min(self.n, k + (self.rerank_extra if self.use_bf16 else 0))
+        if nv > 1 and dev.type == "cpu" and not self.use_bf16:
+            best_d, best_i = self._search_views_cpu(qv, kk)
+            mk = min(k, kk)
+            out_d[:, :mk] = best_d[:, :mk].clamp_min(0).sqrt()
+            out_i[:, :mk] = best_i[:, :mk]
+            return Neighbours(out_d, out_i)
         rows = query_chunk or (8192 if dev.type == "cuda" else 2048)
         qc_n = max(1, rows // nv)
         for qs in range(0, nq, qc_n):
