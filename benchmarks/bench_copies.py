@@ -56,7 +56,11 @@ def demo_store(work: Path) -> Path:
 
 def holdout_rates(store, cal, level: int, q: float) -> dict:
     """Held-out real tiles flagged: in sample, and leaving each holdout patient out of the
-    thresholds (re-drawn from the other patients' holdout distances)."""
+    thresholds (re-drawn from the other patients' holdout distances); the same for the
+    further held-out windows of :func:`synthpath.audit.holdout_windows.offset_windows`
+    (windows at 16-px offsets lying wholly inside one held-out patient's tiles), which the
+    thresholds never saw, with exact binomial 95% intervals."""
+    from synthpath.audit.holdout_windows import offset_windows, rate_interval
     from synthpath.audit.neighbours import quantile
 
     idx = store.index
@@ -65,20 +69,42 @@ def holdout_rates(store, cal, level: int, q: float) -> dict:
             if s == "holdout" and lv == level]
     imgs = store.read_images([t for t, _ in rows])
     pats = np.array([p for _, p in rows])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    res = cal.filter.check(x, level)
-    in_sample = torch.zeros(len(rows), dtype=torch.bool)
-    lopo = torch.zeros(len(rows), dtype=torch.bool)
+    wimgs, wpats, _ = offset_windows(store, level)
+
+    def as_x(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    res = cal.filter.check(as_x(imgs), level)
+    wres = cal.filter.check(as_x(wimgs), level) if len(wimgs) else None
+    flags = {k: torch.zeros(n, dtype=torch.bool) for k, n in
+             (("in", len(rows)), ("lopo", len(rows)), ("w_in", len(wimgs)), ("w_lopo", len(wimgs)))}
     for s, r in res.items():
         th = cal.thresholds[s][level]
-        in_sample |= (r["d1"] <= th["d1"]) & (r["cal"] <= th["cal"])
+        flags["in"] |= (r["d1"] <= th["d1"]) & (r["cal"] <= th["cal"])
+        if wres is not None:
+            flags["w_in"] |= (wres[s]["d1"] <= th["d1"]) & (wres[s]["cal"] <= th["cal"])
         for p in np.unique(pats):
             out = torch.from_numpy(pats == p)
             t_d, t_c = quantile(r["d1"][~out], q), quantile(r["cal"][~out], q)
             if np.isfinite(t_d) and np.isfinite(t_c):
-                lopo[out] |= (r["d1"][out] <= t_d) & (r["cal"][out] <= t_c)
-    return {"n": len(rows), "patients": len(np.unique(pats)), "in_sample": float(in_sample.float().mean()),
-            "leave_one_patient_out": float(lopo.float().mean())}
+                flags["lopo"][out] |= (r["d1"][out] <= t_d) & (r["cal"][out] <= t_c)
+                if wres is not None:
+                    wout = torch.from_numpy(wpats == p)
+                    flags["w_lopo"][wout] |= (wres[s]["d1"][wout] <= t_d) & (wres[s]["cal"][wout] <= t_c)
+    by_pat = {str(p): f"{int(flags['w_in'][torch.from_numpy(wpats == p)].sum())}/{int((wpats == p).sum())}"
+              for p in np.unique(wpats)}
+    return {"n": len(rows), "patients": len(np.unique(pats)), "in_sample": float(flags["in"].float().mean()),
+            "leave_one_patient_out": float(flags["lopo"].float().mean()),
+            "grid_in": rate_interval(int(flags["in"].sum()), len(rows)),
+            "windows_in": rate_interval(int(flags["w_in"].sum()), len(wimgs)),
+            "windows_lopo": rate_interval(int(flags["w_lopo"].sum()), len(wimgs)),
+            "all_in": rate_interval(int(flags["in"].sum() + flags["w_in"].sum()), len(rows) + len(wimgs)),
+            "windows_by_patient": by_pat}
+
+
+def _ri(r: dict) -> str:
+    lo, hi = r["interval"]
+    return f"{r['k']}/{r['n']} = {100 * r['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def main() -> None:
@@ -165,6 +191,13 @@ def main() -> None:
     cells = [f"{100 * hold[lv]['in_sample']:.1f}% in sample, {100 * hold[lv]['leave_one_patient_out']:.1f}% "
              f"leave-one-patient-out (n={hold[lv]['n']}, {hold[lv]['patients']} patients)" for lv in levels]
     lines.append("| held-out real tiles flagged (any space) | " + " | ".join(cells) + " |")
+    lines.append("| held-out offset windows flagged, in sample thresholds (exact 95% CI) | "
+                 + " | ".join(_ri(hold[lv]["windows_in"]) + f" (per patient {hold[lv]['windows_by_patient']})"
+                              for lv in levels) + " |")
+    lines.append("| held-out offset windows flagged, leave-one-patient-out thresholds | "
+                 + " | ".join(_ri(hold[lv]["windows_lopo"]) for lv in levels) + " |")
+    lines.append("| held-out grid tiles + offset windows, in sample | "
+                 + " | ".join(_ri(hold[lv]["all_in"]) for lv in levels) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(a.out, "a") as f:

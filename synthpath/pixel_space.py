@@ -89,7 +89,7 @@ class PixelSpace(FeatureSpace):
 
     def __init__(self, tile_px: int, *, grid: int = 8, blur_sigma: float | None = None, min_std: float = 0.03,
                  substeps: int = 4, scales: tuple[float, ...] = (0.9, 1.0, 1.1), dihedral_views: bool = True, device=None,
-                 batch_size: int = 256, layout: int = 3, candidates: int = 32):
+                 batch_size: int = 256, layout: int = 3, candidates: int = 32, overhang_cells: int = 2):
         super().__init__(device, batch_size)
         if tile_px < 8:
             raise FeatureSpaceError(f"pixel space needs tiles of at least 8 px, got {tile_px}")
@@ -120,6 +120,7 @@ class PixelSpace(FeatureSpace):
         self.candidates = int(candidates)
         if self.candidates < 1:
             raise FeatureSpaceError(f"pixel space candidates must be at least 1, got {candidates}")
+        self.overhang_cells = int(max(0, min(overhang_cells, self.grid // 2 - 1)))  # partial parts at map borders
         self.l2 = False  # each part is L2-normalised on its own in _embed
 
     @property
@@ -330,7 +331,7 @@ class PixelSpace(FeatureSpace):
         d.update(tile_px=self.tile_px, grid=self.grid, cell_px=self.cell, window_step_px=self.step, blur_sigma=round(self.blur_sigma, 4),
                  min_std=self.min_std, scales=list(self.scales), parts=self.parts, view_dim=self.view_dim, n_views=self.n_views,
                  l2_normalised="per part / per view", shift_tolerance_px=self.shift_tolerance_px,
-                 layout=self.layout, part_offsets_px=[i * self.step for i in self.part_at], candidates=self.candidates,
+                 layout=self.layout, overhang_cells=self.overhang_cells, part_offsets_px=[i * self.step for i in self.part_at], candidates=self.candidates,
                  search_views=int(self.search_views().numel()), coarse_dim=self.coarse_dim if self.has_coarse else None,
                  search="two-stage: coarse retrieval of `candidates` training tiles with the views every cell px "
                         "(2x2-pooled cells), then the best (view, part) pairs per candidate refined on the full "

@@ -33,6 +33,7 @@ from synthpath.features import (CheckpointSpace, EfficientNetSpace, FeatureSpace
 
 from synthpath.atomic import write_json
 
+from .overhang import overhang_table
 from .neighbours import NeighbourIndex, Neighbours, TwoStageIndex, calibrated_l2, is_copy, search_chunks
 
 FILTER_DIR = "filter"
@@ -48,7 +49,7 @@ def space_spec(space: FeatureSpace) -> dict:
     if isinstance(space, PixelSpace):
         return {"name": "pixel", "tile_px": space.tile_px, "grid": space.grid, "blur_sigma": space.blur_sigma,
                 "min_std": space.min_std, "substeps": space.substeps, "scales": list(space.scales), "dihedral_views": space.dihedral_views,
-                "layout": space.layout, "candidates": space.candidates}
+                "layout": space.layout, "candidates": space.candidates, "overhang_cells": space.overhang_cells}
     if isinstance(space, EfficientNetSpace):
         return {"name": "efficientnet", "image_px": space.image_px, "l2": space.l2}
     if isinstance(space, CheckpointSpace):
@@ -94,7 +95,8 @@ def bank_index(features: Tensor, device=None, space: FeatureSpace | None = None)
     if isinstance(space, PixelSpace):
         sub, nbr = space._grid_views()
         return TwoStageIndex(feats, parts=space.parts, coarse=space.coarse if space.has_coarse else (lambda v: v),
-                             search_views=sub, neighbours=nbr, candidates=space.candidates, device=device)
+                             search_views=sub, neighbours=nbr, candidates=space.candidates, device=device,
+                             overhang=overhang_table(space), overhang_cells=space.overhang_cells)
     return NeighbourIndex(feats, device=device)
 
 

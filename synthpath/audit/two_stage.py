@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .overhang import partial_distances
 from .neighbours import NeighbourIndex, Neighbours, _as2d, _as_views, _device, _no_neighbours
 
 
@@ -44,6 +45,14 @@ class DenseViews:
         return torch.gather(self.views, 1, flat.expand(-1, -1, d)).reshape(*index.shape, d)
 
 
+def _first_of_each(key: Tensor) -> tuple[Tensor, Tensor]:
+    """(distinct keys, the position of the first occurrence of each in ``key``)."""
+    uniq, inv = torch.unique(key, return_inverse=True)
+    pos = torch.arange(key.numel(), device=key.device)
+    first = torch.full((uniq.numel(),), key.numel(), dtype=torch.long, device=key.device)
+    return uniq, first.scatter_reduce(0, inv, pos, "amin")
+
+
 class TwoStageIndex:
     """Coarse retrieval, then exact verification with local refinement, for a space whose
     queries have many views on a regular grid (the pixel space).
@@ -56,7 +65,12 @@ class TwoStageIndex:
     3. Refinement: around each kept (view, part) pair, the views of the full grid nearby
        (``neighbours[v]``: same transform and scale, positions within half a grid step)
        against that part, in float32 at full dimension. A candidate's distance is the
-       smallest of these fine distances.
+       smallest of these fine distances. With an ``overhang`` table (bool [n_views, S], from
+       :func:`synthpath.audit.overhang.overhang_table`), the views of those neighbourhoods
+       that lie at their map's border are also compared with the part displaced by each
+       allowed number of cells across the border, over the cells they share
+       (:func:`synthpath.audit.overhang.partial_distances`): a part that a shifted, zoomed
+       copy crops is still matched.
 
     A query costs ``V_sub x P x (N + candidates)`` coarse dot products plus
     ``P x refine_top x R x candidates`` fine ones, instead of ``V x P x N`` fine ones. With at most
@@ -68,7 +82,8 @@ class TwoStageIndex:
     """
 
     def __init__(self, base, *, parts: int, coarse, search_views: Tensor, neighbours: Tensor, candidates: int = 32,
-                 refine_top: int = 4, device=None, precision: str = "auto"):
+                 refine_top: int = 4, device=None, precision: str = "auto", overhang: Tensor | None = None,
+                 overhang_cells: int = 0):
         b = _as2d(base, "base")
         if not b.is_floating_point() or parts < 1 or b.shape[1] % parts:
             raise ValueError(f"base must be a float [N, parts*D] tensor with {parts} parts, got {b.dtype} {tuple(b.shape)}")
@@ -80,6 +95,11 @@ class TwoStageIndex:
         self._coarse_fn = coarse
         self._sub = search_views.to(self.device, torch.long)
         self._nbr = neighbours.to(self.device, torch.long)
+        self._ovh = None if overhang is None or overhang_cells < 1 else overhang.to(self.device, torch.bool)
+        self._ovh_cells = int(overhang_cells)
+        self._grid = int(round(((self.dim - 1) / 3) ** 0.5))
+        if self._ovh is not None and 3 * self._grid ** 2 + 1 != self.dim:
+            raise ValueError(f"overhang matching needs views of 3g²+1 dims, got {self.dim}")
         if self._nbr.shape[0] != self._sub.shape[0]:
             raise ValueError(f"neighbours has {self._nbr.shape[0]} rows for {self._sub.shape[0]} search views")
         cb = coarse(self.exact.float().reshape(self.n, parts, self.dim)) if self.n else \
@@ -116,6 +136,16 @@ class TwoStageIndex:
         for i in range(b):  # one query at a time: [c, r, R, D] stays small (cache-sized), not [b, c, r, R, D]
             views = vecs.index_select(0, pos[i].flatten()).view(nbr.shape[1:] + (D,))
             fine[i] = (views - ref[i].unsqueeze(2)).pow(2).sum(-1).amin(dim=(1, 2))
+            if self._ovh is not None:  # border views: the part displaced across the border, shared cells
+                ci, ri, ni, si = self._ovh[nbr[i]].nonzero(as_tuple=True)
+                if ci.numel():  # each distinct (candidate, part, view, displacement) once: neighbourhoods overlap
+                    n_s = self._ovh.shape[1]
+                    key = ((ci * P + part[i, ci, ri]) * self._ovh.shape[0] + nbr[i, ci, ri, ni]) * n_s + si
+                    _, first = _first_of_each(key)
+                    ci, ri, ni, si = ci[first], ri[first], ni[first], si[first]
+                    d2m = partial_distances(views[ci, ri, ni], ref[i, ci, ri], si, self._grid, self._ovh_cells)
+                    part_min = torch.full((c,), float("inf"), device=cand.device).scatter_reduce(0, ci, d2m, "amin")
+                    fine[i] = torch.minimum(fine[i], part_min)
         return fine.masked_fill(cand < 0, float("inf"))
 
     def search(self, queries, k: int, *, query_chunk: int | None = None) -> Neighbours:
