@@ -207,3 +207,51 @@ def test_planted_copies_under_transforms_are_caught(pixel_calibrated):
     cl = torch.cat(cal.holdout_cal[("pixel", level)])
     assert d1.numel() >= 40
     assert int(((d1 <= th["d1"]) & (cl <= th["cal"])).sum()) <= 1
+
+
+def test_zoomed_half_shifted_copies_with_every_part_cropped_are_caught(pixel_calibrated):
+    """The hard case at 1 µm/px: a training tile zoomed in to 0.9 and moved by (-T/2, T/2 - 3)
+    px, real neighbouring tissue filling the rest. The copy keeps only ~26 x 29 px of its
+    source, so no half-tile reference part lies wholly inside it: only the masked matching of
+    border-cropped parts (synthpath/audit/overhang.py) finds it."""
+    from synthpath.audit import copies
+    from synthpath.audit.filter import bank_index, search_images
+
+    store, cal = pixel_calibrated
+    level, t = 1, store.tile_px
+    ids = cal.train_ids[level]
+    pick = list(range(0, len(ids), max(1, len(ids) // 16)))[:16]
+    sources = copies.tile_sources(store, [ids[i] for i in pick])
+    planted = np.stack([s.read(-(t // 2), t // 2 - 3, 0.9) for s in sources])
+    x = torch.from_numpy(planted).permute(0, 3, 1, 2).float() / 127.5 - 1
+    res = cal.filter.check(x, level)["pixel"]
+    assert res["copy"].all(), f"missed {int((~res['copy']).sum())} of {len(pick)} (d1 {res['d1']}, cal {res['cal']})"
+    # the crop is what defeats whole-part matching: against its own source tile, a copy is far
+    # without the partial overlaps and near with them
+    bank = cal.train_features[("pixel", level)]
+    tau = cal.thresholds["pixel"][level]["d1"]
+    for ov in (0, 2):
+        sp = PixelSpace(t, device="cpu", overhang_cells=ov)
+        d = torch.stack([search_images(sp, bank_index(bank[i:i + 1], "cpu", sp), x[j:j + 1], 1).dist[0, 0]
+                         for j, i in enumerate(pick[:4])])
+        assert bool((d > tau).all()) if ov == 0 else bool((d < tau).all()), (ov, d, tau)
+
+
+def test_held_out_offset_windows_stay_within_the_rate(pixel_calibrated):
+    """Held-out real windows the thresholds never saw (16-px offsets, wholly inside one
+    held-out patient's tiles) are flagged at no more than 2%, with a meaningful count."""
+    from synthpath.audit.holdout_windows import offset_windows, rate_interval
+
+    store, cal = pixel_calibrated
+    total_k, total_n = 0, 0
+    for level in (1, 2):
+        imgs, pats, where = offset_windows(store, level)
+        assert len(imgs) == len(pats) == len(where) and all(dy or dx for _, dy, dx in where)
+        holdout_pats = {p for p, s in zip(store.index.column("patient_id").to_pylist(),
+                                          store.index.column("split").to_pylist()) if s == "holdout"}
+        assert set(pats) <= holdout_pats  # no training patient's pixels in any window
+        x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        flags = cal.filter(x, level)
+        total_k, total_n = total_k + int(flags.sum()), total_n + len(flags)
+    r = rate_interval(total_k, total_n)
+    assert total_n >= 400 and r["rate"] <= 0.02, r

@@ -82,7 +82,7 @@ class TwoStageIndex:
     """
 
     def __init__(self, base, *, parts: int, coarse, search_views: Tensor, neighbours: Tensor, candidates: int = 32,
-                 refine_top: int = 4, device=None, precision: str = "auto", overhang: Tensor | None = None,
+                 refine_top: int = 8, device=None, precision: str = "auto", overhang: Tensor | None = None,
                  overhang_cells: int = 0):
         b = _as2d(base, "base")
         if not b.is_floating_point() or parts < 1 or b.shape[1] % parts:
@@ -98,6 +98,8 @@ class TwoStageIndex:
         self._ovh = None if overhang is None or overhang_cells < 1 else overhang.to(self.device, torch.bool)
         self._ovh_cells = int(overhang_cells)
         self._grid = int(round(((self.dim - 1) / 3) ** 0.5))
+        self._border_sub = self._ovh[self._sub].any(1) if self._ovh is not None else None  # search views at a border
+        self._border_n = int(self._border_sub.sum()) if self._ovh is not None else 0
         if self._ovh is not None and 3 * self._grid ** 2 + 1 != self.dim:
             raise ValueError(f"overhang matching needs views of 3g²+1 dims, got {self.dim}")
         if self._nbr.shape[0] != self._sub.shape[0]:
@@ -125,7 +127,15 @@ class TwoStageIndex:
         vs = cq.shape[1]
         d2 = d2.view(b, vs, c, P).permute(0, 2, 3, 1)  # [b, c, P, Vs]
         r = min(self.refine_top, vs)
-        v_sub = torch.topk(d2, r, dim=3, largest=False).indices.reshape(b, c, P * r)  # best views of every part
+        top = torch.topk(d2, r, dim=3, largest=False).indices  # best views of every part
+        if self._ovh is not None and self._border_n:
+            # and the best views at a border: a part that the border crops matches them poorly at
+            # the coarse scale (a whole coarse window against a cropped part), so they are
+            # rarely among the best overall
+            far = d2.masked_fill(~self._border_sub, float("inf"))
+            top = torch.cat([top, torch.topk(far, min(self.refine_top, self._border_n), dim=3, largest=False).indices], 3)
+        r = top.shape[3]
+        v_sub = top.reshape(b, c, P * r)
         part = torch.arange(P, device=cand.device).repeat_interleave(r).expand(b, c, P * r)
         r = P * r
         nbr = self._nbr[v_sub]  # [b, c, r, R] view indices into q
