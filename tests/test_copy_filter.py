@@ -229,7 +229,7 @@ def test_zoomed_half_shifted_copies_with_every_part_cropped_are_caught(pixel_cal
     assert int(res["copy"].sum()) >= 14, f"flagged {int(res['copy'].sum())} of 16 (d1 {res['d1']}, cal {res['cal']})"
     # the crop is what defeats whole-part matching: against its own source tile no copy is
     # within the threshold without the partial overlaps, and about half are with them (the
-    # others are flagged through a neighbouring training tile whose tissue the copy shows)
+    # flagged rest are nearest to another training tile)
     bank = cal.train_features[("pixel", level)]
     tau = cal.thresholds["pixel"][level]["d1"]
     near = {}
